@@ -1,0 +1,54 @@
+# keysvc: `make run` sets everything up and starts the service; `make test` runs the tests.
+# Every target installs what it needs (Debian packages, the virtualenv) and is idempotent.
+
+PYTHON ?= python3
+VENV := .venv
+DATA := $(CURDIR)/data
+TOKEN_LABEL := keysvc
+LISTEN ?= 127.0.0.1:50051
+WORKERS ?= 1
+export SOFTHSM2_CONF := $(DATA)/softhsm2.conf
+
+.PHONY: run test bench deps venv proto proto-check token clean
+
+run: venv proto token
+	KEYSVC_HSM_PIN_FILE=$(DATA)/pin $(VENV)/bin/keysvc serve --listen $(LISTEN) --workers $(WORKERS) \
+	  --database sqlite:///$(DATA)/keysvc.db --token-label $(TOKEN_LABEL)
+
+test: venv proto-check
+	$(VENV)/bin/python -m pytest
+
+bench: venv proto
+	$(VENV)/bin/python bench/bench.py
+
+# Debian packages: SoftHSM2 (the HSM), and a PostgreSQL server for the store tests
+# when none is installed (the tests use the one on 127.0.0.1:5432 where it runs).
+deps: .deps-installed
+.deps-installed:
+	@missing=""; \
+	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml .deps-installed
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $@
+
+proto: venv
+	PYTHON=$(VENV)/bin/python tools/gen_protos.sh
+
+proto-check: venv
+	PYTHON=$(VENV)/bin/python tools/gen_protos.sh --check
+
+token: venv
+	hsm/softhsm/setup-token.sh $(DATA) $(TOKEN_LABEL)
+
+clean:
+	rm -rf $(VENV) .deps-installed .pytest_cache

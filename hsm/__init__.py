@@ -1,0 +1,28 @@
+"""The PKCS#11 layer of keysvc: one logged-in session per process, keys used by handle.
+
+It knows keys, mechanisms and sessions, and nothing of payments.
+"""
+
+from hsm.errors import (
+    HsmConfigurationError,
+    HsmError,
+    HsmKeyRejected,
+    HsmStaleHandle,
+    HsmUnavailable,
+    HsmUnwrapFailed,
+)
+from hsm.token import DEFAULT_MODULE_PATH, Digest, Hsm, HsmConfig, SecretKeyHandle
+
+__all__ = [
+    "DEFAULT_MODULE_PATH",
+    "Digest",
+    "Hsm",
+    "HsmConfig",
+    "HsmConfigurationError",
+    "HsmError",
+    "HsmKeyRejected",
+    "HsmStaleHandle",
+    "HsmUnavailable",
+    "HsmUnwrapFailed",
+    "SecretKeyHandle",
+]

@@ -1,0 +1,25 @@
+"""Errors of the HSM layer. They name what went wrong, never key material."""
+
+
+class HsmError(Exception):
+    """Base of every error raised by the hsm package."""
+
+
+class HsmUnavailable(HsmError):
+    """The module, token or session cannot be used right now (retrying may help)."""
+
+
+class HsmConfigurationError(HsmError):
+    """The module or token is not set up as configured (wrong path, label or PIN)."""
+
+
+class HsmKeyRejected(HsmError):
+    """The HSM refused a key for this mechanism, e.g. an HMAC key shorter than the digest."""
+
+
+class HsmUnwrapFailed(HsmError):
+    """A wrapped key could not be unwrapped: wrong wrapping key or damaged data."""
+
+
+class HsmStaleHandle(HsmError):
+    """A key handle from before the module was re-initialised (after a fork)."""

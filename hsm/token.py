@@ -1,0 +1,369 @@
+"""One PKCS#11 token, used through one logged-in session per process.
+
+Facts this module is built on (measured on SoftHSM2 2.6.1, see shared/HSM-NOTES.md):
+- python-pkcs11 initialises the module without locking flags and releases the GIL
+  on every call, so two threads in one process crash SoftHSM. Every call below
+  runs under one process-wide lock.
+- Closing a logged-in session logs every session out, so the one session lives as
+  long as the process.
+- After a fork the child must re-initialise the module and log in again; handles
+  made before the fork are then stale.
+- Looking keys up by label is slow: token keys are found once, at connect time;
+  merchant keys are unwrapped into session objects and used by handle.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.constants import DEFAULT
+from pkcs11.util.rsa import encode_rsa_public_key
+
+from hsm.errors import (
+    HsmConfigurationError,
+    HsmError,
+    HsmKeyRejected,
+    HsmStaleHandle,
+    HsmUnavailable,
+    HsmUnwrapFailed,
+)
+
+DEFAULT_MODULE_PATH = "/usr/lib/softhsm/libsofthsm2.so"
+
+# Labels of the token objects keysvc owns. The "-1" leaves room for a new generation.
+MASTER_KEY_LABEL = "keysvc-master-1"
+BINDING_KEY_LABEL = "keysvc-binding-1"
+IMPORT_KEY_LABEL = "keysvc-import-1"
+IMPORT_KEY_BITS = 3072
+
+# One lock for every PKCS#11 call in the process, whatever object makes it.
+_PROCESS_LOCK = threading.RLock()
+
+# Attributes python-pkcs11 adds to unwrap templates that a key of our kind must not
+# carry (and that SoftHSM refuses on some key classes): DEFAULT drops them.
+_NO_EXTRA_CAPABILITIES = {
+    Attribute.ENCRYPT: DEFAULT,
+    Attribute.DECRYPT: DEFAULT,
+    Attribute.WRAP: DEFAULT,
+    Attribute.UNWRAP: DEFAULT,
+}
+
+_UNAVAILABLE_ERRORS = (
+    p11.DeviceError,
+    p11.DeviceMemory,
+    p11.DeviceRemoved,
+    p11.GeneralError,
+    p11.HostMemory,
+    p11.FunctionFailed,
+    p11.SessionClosed,
+    p11.SessionHandleInvalid,
+    p11.TokenNotPresent,
+    p11.TokenNotRecognised,
+    p11.UserNotLoggedIn,
+    p11.ObjectHandleInvalid,
+    p11.KeyHandleInvalid,
+)
+_UNWRAP_ERRORS = (
+    p11.WrappedKeyInvalid,
+    p11.WrappedKeyLenRange,
+    p11.EncryptedDataInvalid,
+    p11.EncryptedDataLenRange,
+    p11.DataLenRange,
+    p11.DataInvalid,
+)
+
+
+class Digest(enum.Enum):
+    """The hash functions the HMAC mechanisms use, with their sizes in bytes."""
+
+    SHA1 = (Mechanism.SHA_1_HMAC, 20, 64)
+    SHA256 = (Mechanism.SHA256_HMAC, 32, 64)
+    SHA384 = (Mechanism.SHA384_HMAC, 48, 128)
+    SHA512 = (Mechanism.SHA512_HMAC, 64, 128)
+
+    @property
+    def hmac_mechanism(self) -> Mechanism:
+        return self.value[0]
+
+    @property
+    def digest_size(self) -> int:
+        return self.value[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.value[2]
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    """Where the token is and how to log in. The PIN never shows in a repr."""
+
+    token_label: str
+    pin: str = field(repr=False)
+    module_path: str = DEFAULT_MODULE_PATH
+
+
+class SecretKeyHandle:
+    """A non-extractable secret key living in the HSM session, used by handle.
+
+    It holds no key material, refuses pickling, and is tied to the module
+    generation it was made in (a fork makes it stale).
+    """
+
+    __slots__ = ("_key", "generation")
+
+    def __init__(self, key: pkcs11.SecretKey, generation: int) -> None:
+        self._key = key
+        self.generation = generation
+
+    def __repr__(self) -> str:
+        return f"SecretKeyHandle(generation={self.generation})"
+
+    def __reduce__(self):
+        raise TypeError("a key handle cannot be pickled")
+
+
+class Hsm:
+    """The token of one process: connect once, then call its methods from any thread.
+
+    Every method raises HsmUnavailable when the module or session fails, and the
+    more specific HsmError subclasses where documented.
+    """
+
+    _connected: dict[tuple[str, str], "Hsm"] = {}
+
+    def __init__(self, config: HsmConfig) -> None:
+        self._config = config
+        self._pid = -1
+        self.generation = 0
+        self._session: pkcs11.Session | None = None
+        self._master_key = None
+        self._binding_key = None
+        self._import_private_key = None
+        self._import_public_der = b""
+
+    @classmethod
+    def connect(cls, config: HsmConfig) -> "Hsm":
+        """Returns this process's connection to the token, opening it on first use.
+
+        Raises HsmConfigurationError when the module, token or PIN is wrong.
+        """
+        with _PROCESS_LOCK:
+            key = (config.module_path, config.token_label)
+            hsm = cls._connected.get(key)
+            if hsm is None:
+                hsm = cls(config)
+                hsm._open()
+                cls._connected[key] = hsm
+            return hsm
+
+    # -- session management -------------------------------------------------------
+
+    def _open(self) -> None:
+        """Initialises the module (again after a fork), logs in, finds the token keys."""
+        try:
+            lib = pkcs11.lib(self._config.module_path)
+            if self._pid != -1:
+                lib.reinitialize()
+            token = lib.get_token(token_label=self._config.token_label)
+            self._session = token.open(user_pin=self._config.pin, rw=True)
+        except (p11.NoSuchToken, p11.MultipleTokensReturned):
+            raise HsmConfigurationError(
+                f"no single token labelled {self._config.token_label!r} in the PKCS#11 module"
+            ) from None
+        except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange, p11.PinLocked):
+            raise HsmConfigurationError("the HSM refused the PIN") from None
+        except p11.PKCS11Error as exc:
+            raise HsmUnavailable(f"cannot open the HSM token: {type(exc).__name__}") from None
+        except OSError:
+            raise HsmConfigurationError(
+                f"cannot load the PKCS#11 module {self._config.module_path!r}"
+            ) from None
+        self._pid = os.getpid()
+        self.generation += 1
+        self._master_key = self._find_key(ObjectClass.SECRET_KEY, MASTER_KEY_LABEL)
+        self._binding_key = self._find_key(ObjectClass.SECRET_KEY, BINDING_KEY_LABEL)
+        self._import_private_key = self._find_key(ObjectClass.PRIVATE_KEY, IMPORT_KEY_LABEL)
+        public = self._find_key(ObjectClass.PUBLIC_KEY, IMPORT_KEY_LABEL)
+        self._import_public_der = encode_rsa_public_key(public) if public is not None else b""
+
+    def _find_key(self, object_class: ObjectClass, label: str):
+        try:
+            return self._session.get_key(object_class=object_class, label=label)
+        except p11.NoSuchKey:
+            return None
+
+    @contextmanager
+    def _locked(self) -> Iterator[pkcs11.Session]:
+        """Serialises a PKCS#11 call and translates module errors to HsmError."""
+        with _PROCESS_LOCK:
+            if self._pid != os.getpid():
+                self._open()
+            try:
+                yield self._session
+            except HsmError:
+                raise
+            except p11.KeySizeRange:
+                raise HsmKeyRejected("the key's size is out of range for this mechanism") from None
+            except _UNWRAP_ERRORS:
+                raise HsmUnwrapFailed("the wrapped key could not be unwrapped") from None
+            except _UNAVAILABLE_ERRORS as exc:
+                raise HsmUnavailable(f"HSM call failed: {type(exc).__name__}") from None
+            except p11.PKCS11Error as exc:
+                raise HsmError(f"HSM call refused: {type(exc).__name__}") from None
+
+    def _check_current(self, handle: SecretKeyHandle) -> pkcs11.SecretKey:
+        if handle.generation != self.generation:
+            raise HsmStaleHandle("key handle predates the module's re-initialisation")
+        return handle._key
+
+    # -- token keys -----------------------------------------------------------------
+
+    def ensure_token_keys(self) -> None:
+        """Creates, once per token, the keys keysvc keeps as token objects.
+
+        The master key-encryption key (AES-256) wraps every merchant key; the binding
+        key (HMAC-SHA256) binds a wrapped key to its metadata; the import key pair
+        (RSA-3072, OAEP) protects secrets in transit to the HSM. None is extractable.
+        """
+        with self._locked() as session:
+            if self._master_key is None:
+                self._master_key = session.generate_key(
+                    KeyType.AES, 256, label=MASTER_KEY_LABEL, store=True,
+                    template={
+                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                        Attribute.WRAP: True, Attribute.UNWRAP: True,
+                        Attribute.ENCRYPT: False, Attribute.DECRYPT: False,
+                        Attribute.SIGN: False, Attribute.VERIFY: False,
+                    },
+                )
+            if self._binding_key is None:
+                self._binding_key = session.generate_key(
+                    KeyType.GENERIC_SECRET, 256, label=BINDING_KEY_LABEL, store=True,
+                    template={
+                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                        Attribute.SIGN: True, Attribute.VERIFY: False,
+                    },
+                )
+            if self._import_private_key is None:
+                public, self._import_private_key = session.generate_keypair(
+                    KeyType.RSA, IMPORT_KEY_BITS, label=IMPORT_KEY_LABEL, store=True,
+                    public_template={
+                        Attribute.ENCRYPT: True, Attribute.WRAP: True, Attribute.VERIFY: False,
+                    },
+                    private_template={
+                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                        Attribute.UNWRAP: True, Attribute.DECRYPT: False, Attribute.SIGN: False,
+                    },
+                )
+                self._import_public_der = encode_rsa_public_key(public)
+
+    def _require_token_keys(self) -> None:
+        if self._master_key is None or self._binding_key is None:
+            raise HsmConfigurationError("the token has no keysvc master key: run token set-up first")
+
+    @property
+    def import_public_key_der(self) -> bytes:
+        """The import key's public half, DER RSAPublicKey (PKCS#1)."""
+        if not self._import_public_der:
+            raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+        return self._import_public_der
+
+    # -- merchant secret keys ------------------------------------------------------------
+
+    def generate_wrapped_secret(self, length: int) -> bytes:
+        """Generates a random secret of `length` bytes and returns it wrapped under
+        the master key (CKM_AES_KEY_WRAP_PAD). The plaintext never leaves the HSM."""
+        self._require_token_keys()
+        with self._locked() as session:
+            secret = session.generate_key(
+                KeyType.GENERIC_SECRET, length * 8, store=False,
+                template={
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                    Attribute.SIGN: True, Attribute.VERIFY: True,
+                },
+            )
+            try:
+                return self._master_key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            finally:
+                secret.destroy()
+
+    def rewrap_imported_secret(self, oaep_wrapped_secret: bytes) -> bytes:
+        """Unwraps a secret sent under the import key (RSA-OAEP, SHA-1, MGF1-SHA-1)
+        inside the HSM and returns it wrapped under the master key instead.
+
+        Raises HsmUnwrapFailed when the data was not wrapped with the import key.
+        """
+        self._require_token_keys()
+        if self._import_private_key is None:
+            raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+        with self._locked():
+            secret = self._import_private_key.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
+                mechanism=Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
+                store=False,
+                template={
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                    Attribute.SIGN: True, Attribute.VERIFY: True, **_NO_EXTRA_CAPABILITIES,
+                },
+            )
+            try:
+                return self._master_key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            finally:
+                secret.destroy()
+
+    def load_secret(self, wrapped_secret: bytes) -> SecretKeyHandle:
+        """Unwraps a master-key-wrapped secret into a non-extractable session key.
+
+        Release it with release_secret when it is no longer cached.
+        Raises HsmUnwrapFailed when the data is damaged or from another master key.
+        """
+        self._require_token_keys()
+        with self._locked():
+            key = self._master_key.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, wrapped_secret,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                store=False,
+                template={
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                    Attribute.SIGN: True, Attribute.VERIFY: False, **_NO_EXTRA_CAPABILITIES,
+                },
+            )
+            return SecretKeyHandle(key, self.generation)
+
+    def release_secret(self, handle: SecretKeyHandle) -> None:
+        """Destroys a session key; a stale handle (its session is gone) is ignored."""
+        with self._locked():
+            if handle.generation == self.generation:
+                handle._key.destroy()
+
+    def hmac(self, handle: SecretKeyHandle, digest: Digest, message: bytes) -> bytes:
+        """The HMAC of one message, computed in the HSM.
+
+        Raises HsmKeyRejected when the key is shorter than the digest.
+        """
+        with self._locked():
+            return self._check_current(handle).sign(message, mechanism=digest.hmac_mechanism)
+
+    def hmac_many(
+        self, handle: SecretKeyHandle, digest: Digest, messages: Iterable[bytes]
+    ) -> list[bytes]:
+        """The HMACs of many messages under one key, taking the lock once."""
+        with self._locked():
+            key = self._check_current(handle)
+            return [key.sign(message, mechanism=digest.hmac_mechanism) for message in messages]
+
+    def bind(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of `data` under the token's binding key (ties records to keys)."""
+        self._require_token_keys()
+        with self._locked():
+            return self._binding_key.sign(data, mechanism=Mechanism.SHA256_HMAC)

@@ -1,0 +1,1 @@
+"""keysvc: cryptographic sealing and key management for payment systems."""

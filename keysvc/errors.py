@@ -1,0 +1,59 @@
+"""The one error tree of keysvc's domain. The rpc layer maps each class to one status.
+
+Messages are written for the caller to act on and never carry a secret or a PAN.
+`reason` is a stable, machine-readable word (google.rpc.ErrorInfo.reason).
+"""
+
+from __future__ import annotations
+
+
+class KeysvcError(Exception):
+    """Base of every error the domain raises on purpose."""
+
+    reason = "KEYSVC_ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidArgument(KeysvcError):
+    """The request is malformed; `field` names the offending field."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str, *, reason: str | None = None) -> None:
+        super().__init__(f"{field}: {message}", reason=reason)
+        self.field = field
+
+
+class NotFound(KeysvcError):
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(KeysvcError):
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(KeysvcError):
+    """The request is well formed but the key's state does not allow it."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class Unavailable(KeysvcError):
+    """The HSM or the database cannot serve right now; retrying later may succeed."""
+
+    reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(KeysvcError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class IntegrityError(KeysvcError):
+    """Stored data failed its integrity check (e.g. a key record moved to another key)."""
+
+    reason = "INTEGRITY_CHECK_FAILED"

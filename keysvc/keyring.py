@@ -1,0 +1,187 @@
+"""Keys ready for use: briefly cached metadata and cached HSM handles.
+
+Seal and Verify must not read the database or unwrap a key on every call, yet a
+change made by another worker or replica must be in force within a second. So:
+- a key's metadata is reused for `metadata_ttl` seconds, then its revision is
+  re-read (one indexed read) and the key reloaded only when the revision moved;
+- a version's unwrapped handle is cached (LRU, bounded) and released when the
+  version is destroyed or evicted;
+- callers that meet something the cache cannot explain (a seal no known version
+  verifies) call `refresh` to check the revision at once.
+Every wrapped key is checked against its binding tag before it is unwrapped, so a
+record moved to another key or version in the database is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import struct
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Iterable, Iterator
+
+import hsm
+from keysvc.errors import FailedPrecondition, IntegrityError, NotFound, Unavailable
+from keysvc.model import Key, KeyVersion
+from keysvc.store import KeyStore
+
+CHECK_VALUE_MESSAGE = bytes(16)
+
+
+@contextlib.contextmanager
+def hsm_errors() -> Iterator[None]:
+    """Translates HSM-layer errors at the domain boundary."""
+    try:
+        yield
+    except hsm.HsmUnwrapFailed:
+        raise IntegrityError("a stored key could not be unwrapped by the HSM master key") from None
+    except hsm.HsmKeyRejected:
+        raise FailedPrecondition("the HSM refused this key for its algorithm") from None
+    except hsm.HsmError as error:
+        raise Unavailable(f"the HSM is unavailable: {error}") from None
+
+
+def binding_message(key: Key, version: KeyVersion) -> bytes:
+    """What a version's binding tag covers: every field that must not move, length-prefixed."""
+    parts = [
+        key.key_id.encode(),
+        key.purpose.value.encode(),
+        key.algorithm.value.encode(),
+        str(version.version).encode(),
+        version.wrapping_key_label.encode(),
+        version.wrapped_key or b"",
+    ]
+    return b"keysvc-binding-v1" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def check_value(tag_over_zero_block: bytes) -> str:
+    """Key check value: the first 3 bytes of the key's HMAC over 16 zero bytes, as hex."""
+    return tag_over_zero_block[:3].hex().upper()
+
+
+class KeyRing:
+    """Thread-safe cache of keys and handles over one HSM and one store."""
+
+    def __init__(
+        self,
+        token: hsm.Hsm,
+        store: KeyStore,
+        *,
+        metadata_ttl: float = 0.25,
+        max_handles: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._hsm = token
+        self._store = store
+        self._metadata_ttl = metadata_ttl
+        self._max_handles = max_handles
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[Key, float]] = {}
+        self._handles: OrderedDict[tuple[str, int], hsm.SecretKeyHandle] = OrderedDict()
+
+    # -- metadata -----------------------------------------------------------------------
+
+    def key(self, key_id: str) -> Key:
+        """The key, fresh to within metadata_ttl. Raises NotFound."""
+        now = self._clock()
+        with self._lock:
+            cached = self._keys.get(key_id)
+        if cached is not None and now - cached[1] < self._metadata_ttl:
+            return cached[0]
+        if cached is not None:
+            revision = self._store.load_revision(key_id)
+            if revision == cached[0].revision:
+                with self._lock:
+                    self._keys[key_id] = (cached[0], now)
+                return cached[0]
+        return self._reload(key_id)
+
+    def refresh(self, key_id: str) -> Key | None:
+        """Re-reads the key's revision now; returns the reloaded key if it changed, else None."""
+        with self._lock:
+            cached = self._keys.get(key_id)
+        if cached is not None and self._store.load_revision(key_id) == cached[0].revision:
+            return None
+        return self._reload(key_id)
+
+    def remember(self, key: Key) -> None:
+        """Takes a key this process just wrote, so its own next call sees the change."""
+        self._install(key)
+
+    def _reload(self, key_id: str) -> Key:
+        key = self._store.load_key(key_id)
+        if key is None:
+            with self._lock:
+                self._keys.pop(key_id, None)
+            self._release_where(lambda k, v: k == key_id)
+            raise NotFound(f"key {key_id!r} not found")
+        self._install(key)
+        return key
+
+    def _install(self, key: Key) -> None:
+        with self._lock:
+            cached = self._keys.get(key.key_id)
+            if cached is not None and cached[0].revision > key.revision:
+                return  # a newer copy is already here
+            self._keys[key.key_id] = (key, self._clock())
+        usable = {v.version for v in key.versions if v.wrapped_key is not None}
+        self._release_where(lambda k, v: k == key.key_id and v not in usable)
+
+    # -- handles --------------------------------------------------------------------------
+
+    def _release_where(self, doomed: Callable[[str, int], bool]) -> None:
+        with self._lock:
+            released = [(name, self._handles.pop(name)) for name in list(self._handles) if doomed(*name)]
+        with hsm_errors():
+            for _name, handle in released:
+                self._hsm.release_secret(handle)
+
+    def _handle(self, key: Key, version: KeyVersion) -> hsm.SecretKeyHandle:
+        name = (key.key_id, version.version)
+        with self._lock:
+            handle = self._handles.get(name)
+            if handle is not None:
+                self._handles.move_to_end(name)
+                return handle
+        if version.wrapped_key is None:
+            raise FailedPrecondition(f"version {version.version} of key {key.key_id!r} is destroyed")
+        with hsm_errors():
+            expected = self._hsm.bind(binding_message(key, version))
+            if not hmac.compare_digest(expected, version.binding_tag):
+                raise IntegrityError(
+                    f"the stored record of version {version.version} of key {key.key_id!r} "
+                    "failed its integrity check"
+                )
+            handle = self._hsm.load_secret(version.wrapped_key)
+        evicted = []
+        with self._lock:
+            existing = self._handles.get(name)
+            if existing is not None:  # another thread loaded it meanwhile
+                evicted.append(handle)
+                handle = existing
+            else:
+                self._handles[name] = handle
+                while len(self._handles) > self._max_handles:
+                    evicted.append(self._handles.popitem(last=False)[1])
+        with hsm_errors():
+            for old in evicted:
+                self._hsm.release_secret(old)
+        return handle
+
+    def hmac_many(self, key: Key, version: KeyVersion, messages: Iterable[bytes]) -> list[bytes]:
+        """The key version's HMAC of each message, computed in the HSM."""
+        messages = list(messages)
+        for _attempt in range(2):
+            handle = self._handle(key, version)
+            try:
+                with hsm_errors():
+                    return self._hsm.hmac_many(handle, key.algorithm.digest, messages)
+            except Unavailable:
+                if handle.generation == self._hsm.generation:
+                    raise
+                # The module was re-initialised (a fork): drop the stale handle, load again.
+                self._release_where(lambda k, v: (k, v) == (key.key_id, version.version))
+        raise Unavailable("the HSM is unavailable: key handle could not be reloaded")

@@ -1,0 +1,362 @@
+"""Merchant keys: creation in the HSM, import of bank secrets, versions, rotation, states.
+
+A key is `<merchant_id>/<name>` with a fixed purpose and algorithm and integer
+versions, one of them primary. Key material is generated or unwrapped inside the
+HSM, stored only wrapped under the HSM master key, and bound to its metadata.
+
+Version states and what they allow:
+    ENABLED      seals and verifies (the primary is always ENABLED)
+    VERIFY_ONLY  retired: verifies, never seals
+    DISABLED     neither; reversible
+    DESTROYED    material gone for good, metadata kept; final
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, replace
+
+from cryptography.hazmat.primitives import serialization
+
+import hsm
+from keysvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from keysvc.keyring import CHECK_VALUE_MESSAGE, KeyRing, binding_message, check_value, hsm_errors
+from keysvc.model import (
+    Key,
+    KeyAlgorithm,
+    KeyOrigin,
+    KeyPurpose,
+    KeyVersion,
+    KeyVersionState,
+    make_key_id,
+)
+from keysvc.store import KeyStore, utcnow
+
+MERCHANT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KEY_NAME_PATTERN = re.compile(r"[a-z0-9._-]{1,64}")
+MAX_VERSION = 2**31 - 1
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+IMPORT_WRAPPING_ALGORITHM = "RSA_OAEP_SHA1"
+# Names the import key pair on the token; a new pair would get a new id.
+IMPORT_KEY_ID = hsm.token.IMPORT_KEY_LABEL
+SETTABLE_STATES = (KeyVersionState.ENABLED, KeyVersionState.VERIFY_ONLY, KeyVersionState.DISABLED)
+
+
+@dataclass(frozen=True)
+class ImportParameters:
+    public_key_pem: str
+    wrapping_algorithm: str
+    import_key_id: str
+
+
+@dataclass(frozen=True)
+class NewMaterial:
+    """Fresh key material, wrapped under the master key, with its check value."""
+
+    wrapped_key: bytes
+    check_value: str
+    origin: KeyOrigin
+
+
+def validate_merchant_id(merchant_id: str) -> None:
+    if not MERCHANT_ID_PATTERN.fullmatch(merchant_id):
+        raise InvalidArgument("merchant_id", "must be 1-64 characters of A-Z a-z 0-9 . _ -")
+
+
+def validate_key_name(name: str) -> None:
+    if not KEY_NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument("name", "must be 1-64 characters of a-z 0-9 . _ -")
+
+
+def parse_key_id(key_id: str) -> tuple[str, str]:
+    """Splits `<merchant_id>/<name>`; raises InvalidArgument naming `key_id`."""
+    merchant_id, slash, name = key_id.partition("/")
+    if not slash or not MERCHANT_ID_PATTERN.fullmatch(merchant_id) or not KEY_NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument("key_id", "must be '<merchant_id>/<name>', e.g. '002001000000002/sips'")
+    return merchant_id, name
+
+
+def _find_version(key: Key, version: int) -> KeyVersion:
+    found = key.find_version(version)
+    if found is None:
+        raise NotFound(f"key {key.key_id!r} has no version {version}")
+    return found
+
+
+class KeyManager:
+    """The KeyService operations. Thread-safe."""
+
+    def __init__(self, token: hsm.Hsm, store: KeyStore, ring: KeyRing) -> None:
+        self._hsm = token
+        self._store = store
+        self._ring = ring
+
+    # -- material -------------------------------------------------------------------------
+
+    def _check_value(self, algorithm: KeyAlgorithm, wrapped_key: bytes) -> str:
+        handle = self._hsm.load_secret(wrapped_key)
+        try:
+            return check_value(self._hsm.hmac(handle, algorithm.digest, CHECK_VALUE_MESSAGE))
+        finally:
+            self._hsm.release_secret(handle)
+
+    def _generate_material(self, algorithm: KeyAlgorithm) -> NewMaterial:
+        # As long as the digest: the most HMAC uses, and the least SoftHSM accepts.
+        with hsm_errors():
+            wrapped = self._hsm.generate_wrapped_secret(algorithm.digest.digest_size)
+            return NewMaterial(wrapped, self._check_value(algorithm, wrapped), KeyOrigin.GENERATED)
+
+    def _imported_material(self, algorithm: KeyAlgorithm, wrapped_secret: bytes) -> NewMaterial:
+        if not wrapped_secret:
+            raise InvalidArgument("wrapped_secret", "is required")
+        try:
+            wrapped = self._hsm.rewrap_imported_secret(wrapped_secret)
+        except hsm.HsmUnwrapFailed:
+            raise InvalidArgument(
+                "wrapped_secret",
+                f"could not be unwrapped: wrap the secret with {IMPORT_WRAPPING_ALGORITHM} "
+                "under the public key from GetImportParameters",
+            ) from None
+        except hsm.HsmError as error:
+            with hsm_errors():
+                raise error
+        try:
+            with hsm_errors():
+                value = self._check_value(algorithm, wrapped)
+        except FailedPrecondition:
+            size = algorithm.digest.digest_size
+            raise InvalidArgument(
+                "wrapped_secret",
+                f"the secret is shorter than {size} bytes, the least {algorithm.value} accepts "
+                f"here: zero-pad it to {size} bytes before wrapping (the tags are unchanged)",
+            ) from None
+        return NewMaterial(wrapped, value, KeyOrigin.IMPORTED)
+
+    def _new_version(self, key: Key, number: int, material: NewMaterial) -> KeyVersion:
+        version = KeyVersion(
+            version=number,
+            state=KeyVersionState.ENABLED,
+            origin=material.origin,
+            check_value=material.check_value,
+            created_at=utcnow(),
+            wrapped_key=material.wrapped_key,
+            wrapping_key_label=hsm.token.MASTER_KEY_LABEL,
+        )
+        with hsm_errors():
+            tag = self._hsm.bind(binding_message(key, version))
+        return replace(version, binding_tag=tag)
+
+    def _new_key(self, merchant_id: str, name: str, purpose: KeyPurpose, algorithm: KeyAlgorithm,
+                 number: int, material: NewMaterial) -> Key:
+        now = utcnow()
+        key = Key(
+            key_id=make_key_id(merchant_id, name),
+            merchant_id=merchant_id,
+            name=name,
+            purpose=purpose,
+            algorithm=algorithm,
+            primary_version=number,
+            created_at=now,
+            updated_at=now,
+        )
+        return replace(key, versions=(self._new_version(key, number, material),))
+
+    def _stored(self, key: Key) -> Key:
+        self._ring.remember(key)
+        return key
+
+    # -- operations -------------------------------------------------------------------------
+
+    def create_key(self, merchant_id: str, name: str, purpose: KeyPurpose, algorithm: KeyAlgorithm) -> Key:
+        """Creates a key whose version 1 is generated in the HSM. Raises AlreadyExists."""
+        validate_merchant_id(merchant_id)
+        validate_key_name(name)
+        if self._store.load_revision(make_key_id(merchant_id, name)) is not None:
+            raise AlreadyExists(f"key {make_key_id(merchant_id, name)!r} already exists")
+        material = self._generate_material(algorithm)
+        key = self._new_key(merchant_id, name, purpose, algorithm, 1, material)
+        return self._stored(self._store.insert_key(key))
+
+    def import_parameters(self) -> ImportParameters:
+        """The public key and algorithm a caller wraps a secret with for import_key."""
+        with hsm_errors():
+            der = self._hsm.import_public_key_der
+        # load_der_public_key reads the PKCS#1 RSAPublicKey the HSM layer exports.
+        public_key = serialization.load_der_public_key(der)
+        pem = public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        return ImportParameters(pem, IMPORT_WRAPPING_ALGORITHM, IMPORT_KEY_ID)
+
+    def import_key(
+        self,
+        merchant_id: str,
+        name: str,
+        purpose: KeyPurpose,
+        algorithm: KeyAlgorithm | None,
+        wrapped_secret: bytes,
+        import_key_id: str,
+        version: int = 0,
+        make_primary: bool = False,
+    ) -> tuple[Key, KeyVersion]:
+        """Imports a bank-issued secret as a new version, creating the key if needed.
+
+        Raises InvalidArgument (bad wrapping, short secret, algorithm mismatch),
+        AlreadyExists (version number taken).
+        """
+        validate_merchant_id(merchant_id)
+        validate_key_name(name)
+        if import_key_id != IMPORT_KEY_ID:
+            raise InvalidArgument("import_key_id", f"unknown import key; use {IMPORT_KEY_ID!r} from GetImportParameters")
+        if not 0 <= version <= MAX_VERSION:
+            raise InvalidArgument("version", f"must be between 1 and {MAX_VERSION}, or 0 for the next")
+        key_id = make_key_id(merchant_id, name)
+        existing = self._store.load_key(key_id)
+        if existing is None and algorithm is None:
+            raise InvalidArgument("algorithm", "is required when the key does not exist yet")
+        if existing is not None:
+            if algorithm is not None and algorithm is not existing.algorithm:
+                raise InvalidArgument(
+                    "algorithm", f"key {key_id!r} is {existing.algorithm.value}, not {algorithm.value}"
+                )
+            if purpose is not existing.purpose:
+                raise InvalidArgument("purpose", f"key {key_id!r} is a {existing.purpose.value} key")
+            algorithm = existing.algorithm
+        material = self._imported_material(algorithm, wrapped_secret)
+        if existing is None:
+            number = version or 1
+            key = self._new_key(merchant_id, name, purpose, algorithm, number, material)
+            try:
+                stored = self._store.insert_key(key)
+                return self._stored(stored), stored.versions[0]
+            except AlreadyExists:
+                pass  # created meanwhile: add a version to it below
+
+        added: list[int] = []
+
+        def add_version(current: Key) -> Key:
+            number = version or max((v.version for v in current.versions), default=0) + 1
+            if current.find_version(number) is not None:
+                raise AlreadyExists(f"key {key_id!r} already has version {number}")
+            if number > MAX_VERSION:
+                raise FailedPrecondition(f"key {key_id!r} has no version number left")
+            added[:] = [number]
+            changed = current.with_version(self._new_version(current, number, material))
+            if make_primary:
+                changed = replace(changed, primary_version=number)
+            return changed
+
+        stored = self._stored(self._store.update_key(key_id, add_version))
+        return stored, _find_version(stored, added[0])
+
+    def rotate_key(self, key_id: str) -> tuple[Key, KeyVersion]:
+        """Adds a version generated in the HSM and makes it primary; older versions keep
+        their state (retire them with set_version_state)."""
+        parse_key_id(key_id)
+        current = self.get_key(key_id)
+        material = self._generate_material(current.algorithm)
+
+        def add_primary(key: Key) -> Key:
+            number = max((v.version for v in key.versions), default=0) + 1
+            if number > MAX_VERSION:
+                raise FailedPrecondition(f"key {key_id!r} has no version number left")
+            changed = key.with_version(self._new_version(key, number, material))
+            return replace(changed, primary_version=number)
+
+        stored = self._stored(self._store.update_key(key_id, add_primary))
+        return stored, _find_version(stored, stored.primary_version)
+
+    def get_key(self, key_id: str) -> Key:
+        """Raises InvalidArgument for a malformed id, NotFound for an unknown one."""
+        parse_key_id(key_id)
+        key = self._store.load_key(key_id)
+        if key is None:
+            raise NotFound(f"key {key_id!r} not found")
+        return key
+
+    def list_keys(self, merchant_id: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[Key], str]:
+        """One page of keys in key id order, and the token of the next page ('' at the end)."""
+        if merchant_id:
+            validate_merchant_id(merchant_id)
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 for {DEFAULT_PAGE_SIZE})")
+        limit = page_size or DEFAULT_PAGE_SIZE
+        after = _decode_page_token(page_token)
+        page = self._store.list_keys(merchant_id=merchant_id or None, after_key_id=after, limit=limit + 1)
+        if len(page) > limit:
+            return page[:limit], _encode_page_token(page[limit - 1].key_id)
+        return page, ""
+
+    def set_version_state(self, key_id: str, version: int, state: KeyVersionState) -> Key:
+        """Moves a version between ENABLED, VERIFY_ONLY and DISABLED.
+
+        Raises FailedPrecondition for a destroyed version or for taking the primary
+        out of ENABLED.
+        """
+        parse_key_id(key_id)
+        if state not in SETTABLE_STATES:
+            raise InvalidArgument("state", "must be ENABLED, VERIFY_ONLY or DISABLED (destroy with DestroyKeyVersion)")
+
+        def change_state(key: Key) -> Key:
+            current = _find_version(key, version)
+            if current.state is KeyVersionState.DESTROYED:
+                raise FailedPrecondition(f"version {version} of key {key_id!r} is destroyed")
+            if current.state is state:
+                return key
+            if version == key.primary_version and state is not KeyVersionState.ENABLED:
+                raise FailedPrecondition(
+                    f"version {version} is the primary of key {key_id!r}: rotate or set another primary first"
+                )
+            return key.with_version(replace(current, state=state))
+
+        return self._stored(self._store.update_key(key_id, change_state))
+
+    def set_primary_version(self, key_id: str, version: int) -> Key:
+        """Makes an ENABLED version the primary. Raises FailedPrecondition otherwise."""
+        parse_key_id(key_id)
+
+        def change_primary(key: Key) -> Key:
+            current = _find_version(key, version)
+            if current.state is not KeyVersionState.ENABLED:
+                raise FailedPrecondition(
+                    f"version {version} of key {key_id!r} is {current.state.value}; only an ENABLED version can be primary"
+                )
+            if key.primary_version == version:
+                return key
+            return replace(key, primary_version=version)
+
+        return self._stored(self._store.update_key(key_id, change_primary))
+
+    def destroy_version(self, key_id: str, version: int) -> Key:
+        """Erases a version's wrapped material for good. The primary cannot be destroyed."""
+        parse_key_id(key_id)
+
+        def destroy(key: Key) -> Key:
+            current = _find_version(key, version)
+            if current.state is KeyVersionState.DESTROYED:
+                raise FailedPrecondition(f"version {version} of key {key_id!r} is already destroyed")
+            if version == key.primary_version:
+                raise FailedPrecondition(
+                    f"version {version} is the primary of key {key_id!r}: rotate or set another primary first"
+                )
+            return key.with_version(
+                replace(current, state=KeyVersionState.DESTROYED, wrapped_key=None, destroyed_at=utcnow())
+            )
+
+        return self._stored(self._store.update_key(key_id, destroy))
+
+
+def _encode_page_token(last_key_id: str) -> str:
+    return base64.urlsafe_b64encode(last_key_id.encode()).decode()
+
+
+def _decode_page_token(page_token: str) -> str:
+    if not page_token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(page_token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("page_token", "is not a token from a previous ListKeys response") from None

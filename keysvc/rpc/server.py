@@ -1,0 +1,61 @@
+"""Builds the gRPC server: servicers, health checking, reflection, limits."""
+
+from __future__ import annotations
+
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from keysvc.keys import KeyManager
+from keysvc.rpc.keys_servicer import KeyServicer
+from keysvc.rpc.seals_servicer import SealServicer
+from keysvc.seals import Sealer
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+
+SERVICE_NAMES = (
+    keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+    seals_pb2.DESCRIPTOR.services_by_name["SealService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    # Whole request messages above this are refused by gRPC with RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # The HSM is serialised per process: more threads only queue on its lock.
+    max_threads: int = 8
+    reflection: bool = True
+    # Lets several worker processes listen on one port.
+    reuse_port: bool = True
+
+
+def create_server(
+    address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions()
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server bound to `address` ('host:0' picks a port), not yet started.
+    Returns the server, the bound port and its health servicer."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.max_threads, thread_name_prefix="keysvc-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.so_reuseport", 1 if options.reuse_port else 0),
+        ],
+    )
+    keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
+    seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if options.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer

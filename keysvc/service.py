@@ -1,0 +1,137 @@
+"""Running keysvc: set-up, one serving process, or several workers on one port.
+
+PKCS#11 is serialised per process, so throughput grows with processes. With
+`workers > 1` the parent prepares the database and the token, then starts each
+worker with the spawn method (a fresh interpreter: no PKCS#11 or gRPC state
+inherited across a fork); every worker opens its own HSM session and listens on
+the same port (SO_REUSEPORT), and the kernel spreads connections among them.
+Workers share the database, where every change bumps a key's revision that the
+others notice within KeyRing's metadata TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass, replace
+
+import hsm
+from keysvc.config import Settings
+from keysvc.keyring import KeyRing
+from keysvc.keys import KeyManager
+from keysvc.seals import Sealer
+from keysvc.store import KeyStore
+
+log = logging.getLogger("keysvc")
+
+# Seconds that calls in flight get to finish after SIGTERM.
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class Services:
+    store: KeyStore
+    keys: KeyManager
+    sealer: Sealer
+
+
+def prepare(settings: Settings) -> None:
+    """Runs database migrations and creates the token's keysvc keys if missing."""
+    KeyStore.open(settings.database_url).close()
+    hsm.Hsm.connect(settings.hsm_config).ensure_token_keys()
+
+
+def open_services(settings: Settings) -> Services:
+    token = hsm.Hsm.connect(settings.hsm_config)
+    store = KeyStore.open(settings.database_url, run_migrations=False)
+    ring = KeyRing(token, store)
+    sealer = Sealer(
+        ring, max_message_bytes=settings.max_seal_message_bytes, max_batch_items=settings.max_batch_items
+    )
+    return Services(store, KeyManager(token, store, ring), sealer)
+
+
+def _stop_event_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    return stop
+
+
+def serve_here(settings: Settings, on_ready=None) -> None:
+    """Serves in this process until SIGTERM or SIGINT; calls on_ready(port) once listening."""
+    from keysvc.rpc.server import ServerOptions, create_server  # the gRPC layer stays at the edge
+
+    services = open_services(settings)
+    options = ServerOptions(
+        max_message_bytes=settings.max_message_bytes,
+        reflection=settings.reflection,
+        reuse_port=settings.workers > 1,
+    )
+    server, port, health_servicer = create_server(settings.listen, services.keys, services.sealer, options)
+    stop = _stop_event_on_signals()
+    server.start()
+    if on_ready is not None:
+        on_ready(port)
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(SHUTDOWN_GRACE).wait()
+    services.store.close()
+
+
+def _worker_main(settings: Settings, ready) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(process)d %(name)s: %(message)s")
+    serve_here(settings, on_ready=lambda port: ready.put(port))
+
+
+def _reserve_port(listen: str) -> tuple[socket.socket, str]:
+    """Binds (without listening) a SO_REUSEPORT socket so that port 0 becomes one real
+    port that every worker then shares; kept open while the workers run."""
+    host, _, port = listen.rpartition(":")
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    reserved = socket.socket(family, socket.SOCK_STREAM)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind((host.strip("[]"), int(port)))
+    return reserved, f"{host}:{reserved.getsockname()[1]}"
+
+
+def announce(listen: str, workers: int) -> None:
+    # Tests and scripts wait for this line: keep its shape.
+    print(f"keysvc serving on {listen} with {workers} worker(s)", flush=True)
+
+
+def serve(settings: Settings) -> None:
+    """Prepares, then serves with settings.workers processes until SIGTERM/SIGINT."""
+    prepare(settings)
+    if settings.workers == 1:
+        host = settings.listen.rpartition(":")[0]
+        serve_here(settings, on_ready=lambda port: announce(f"{host}:{port}", 1))
+        return
+    reserved, listen = _reserve_port(settings.listen)
+    worker_settings = replace(settings, listen=listen)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    stop = _stop_event_on_signals()
+    workers = [context.Process(target=_worker_main, args=(worker_settings, ready), daemon=True)
+               for _ in range(settings.workers)]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready.get(timeout=120)
+    announce(listen, settings.workers)
+    while not stop.wait(0.5):
+        for index, worker in enumerate(workers):
+            if not worker.is_alive():
+                log.error("worker %d exited with code %s; starting another", worker.pid, worker.exitcode)
+                workers[index] = context.Process(target=_worker_main, args=(worker_settings, ready), daemon=True)
+                workers[index].start()
+    for worker in workers:
+        worker.terminate()  # SIGTERM: each worker drains its calls in flight
+    for worker in workers:
+        worker.join(SHUTDOWN_GRACE + 5)
+    reserved.close()
+    sys.stdout.flush()

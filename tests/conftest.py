@@ -1,0 +1,193 @@
+"""Shared fixtures: a real SoftHSM2 token in a temporary folder, real databases,
+and a real gRPC server on a loopback port 0.
+
+One token serves the whole test session: PKCS#11 login is per process, and every
+test names its keys uniquely (the `merchant` fixture), so tests never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import hsm
+from keysvc.keyring import KeyRing
+from keysvc.keys import KeyManager
+from keysvc.seals import Sealer
+from keysvc.store import KeyStore
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_VECTORS = REPO.parent / "shared" / "vectors"
+TOKEN_LABEL = "keysvc-test"
+
+
+@dataclass(frozen=True)
+class TestToken:
+    directory: Path
+    config_path: Path
+    pin_path: Path
+
+    @property
+    def hsm_config(self) -> hsm.HsmConfig:
+        return hsm.HsmConfig(token_label=TOKEN_LABEL, pin=self.pin_path.read_text().strip())
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a keysvc process using this token."""
+        return {
+            **os.environ,
+            "SOFTHSM2_CONF": str(self.config_path),
+            "KEYSVC_TOKEN_LABEL": TOKEN_LABEL,
+            "KEYSVC_HSM_PIN_FILE": str(self.pin_path),
+        }
+
+
+@pytest.fixture(scope="session")
+def token(tmp_path_factory) -> TestToken:
+    """A fresh SoftHSM2 token with keysvc's token keys, for the whole session."""
+    directory = tmp_path_factory.mktemp("softhsm")
+    subprocess.run(
+        [str(REPO / "hsm" / "softhsm" / "setup-token.sh"), str(directory), TOKEN_LABEL],
+        check=True, capture_output=True,
+    )
+    test_token = TestToken(directory, directory / "softhsm2.conf", directory / "pin")
+    # Must be set before the PKCS#11 module is first loaded in this process.
+    os.environ["SOFTHSM2_CONF"] = str(test_token.config_path)
+    hsm.Hsm.connect(test_token.hsm_config).ensure_token_keys()
+    return test_token
+
+
+@pytest.fixture(scope="session")
+def hsm_token(token) -> hsm.Hsm:
+    """This process's connection to the test token."""
+    return hsm.Hsm.connect(token.hsm_config)
+
+
+@pytest.fixture
+def merchant() -> str:
+    """A merchant id no other test uses."""
+    return "m" + uuid.uuid4().hex[:12]
+
+
+# -- databases -------------------------------------------------------------------------
+
+
+def _postgres_reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _postgres_bindir() -> Path:
+    bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bindirs:
+        raise RuntimeError("no PostgreSQL server: install Debian's postgresql package (make deps)")
+    return bindirs[-1]
+
+
+def _as_postgres_user() -> list[str]:
+    # initdb refuses to run as root.
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def _start_throwaway_postgres(directory: Path) -> str:
+    """Starts a PostgreSQL server from Debian's package in `directory` (as pytest-postgresql
+    does) and returns the admin URL. Runs as the postgres user when we are root."""
+    bindir = _postgres_bindir()
+    as_user = _as_postgres_user()
+    if as_user:
+        shutil.chown(directory, "postgres")
+    datadir = directory / "pgdata"
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    port = _free_port()
+    subprocess.run(
+        [*as_user, str(bindir / "pg_ctl"), "-D", str(datadir), "-w", "-l", str(directory / "log"),
+         "-o", f"-p {port} -k {directory} -c listen_addresses=127.0.0.1", "start"],
+        check=True, capture_output=True,
+    )
+    return f"postgresql://postgres@127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url():
+    """The PostgreSQL server at 127.0.0.1:5432 where one runs, else a throwaway one
+    (KEYSVC_TEST_THROWAWAY_POSTGRES=1 forces the throwaway one)."""
+    if not os.environ.get("KEYSVC_TEST_THROWAWAY_POSTGRES") and _postgres_reachable("127.0.0.1", 5432):
+        yield "postgresql://postgres@127.0.0.1:5432"
+        return
+    # Not under pytest's tmp folder: the postgres user must be able to reach it.
+    directory = Path(tempfile.mkdtemp(prefix="keysvc-postgres-"))
+    yield _start_throwaway_postgres(directory)
+    subprocess.run(
+        [*_as_postgres_user(), str(_postgres_bindir() / "pg_ctl"), "-D", str(directory / "pgdata"),
+         "-m", "fast", "stop"],
+        capture_output=True,
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+
+    name = "keysvc_test_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_admin_url + "/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_admin_url}/{name}"
+    with psycopg.connect(postgres_admin_url + "/postgres", autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'keysvc.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str:
+    """Each test using this runs against SQLite and against PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+# -- the domain ----------------------------------------------------------------------------
+
+
+@dataclass
+class Domain:
+    hsm: hsm.Hsm
+    store: KeyStore
+    ring: KeyRing
+    keys: KeyManager
+    sealer: Sealer
+
+
+def make_domain(token_connection: hsm.Hsm, database_url: str) -> Domain:
+    store = KeyStore.open(database_url)
+    ring = KeyRing(token_connection, store)
+    return Domain(token_connection, store, ring, KeyManager(token_connection, store, ring), Sealer(ring))
+
+
+@pytest.fixture
+def domain(hsm_token, sqlite_url):
+    """The domain layer on the test token and a fresh SQLite database."""
+    built = make_domain(hsm_token, sqlite_url)
+    yield built
+    built.store.close()
