@@ -37,7 +37,6 @@ deps: .deps-installed
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml .deps-installed
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	@touch $@
 

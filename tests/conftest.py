@@ -191,3 +191,41 @@ def domain(hsm_token, sqlite_url):
     built = make_domain(hsm_token, sqlite_url)
     yield built
     built.store.close()
+
+
+# -- a real gRPC server ------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    address: str
+    domain: Domain
+    channel: object
+    keys: object
+    seals: object
+    health: object
+
+
+@pytest.fixture
+def server(domain):
+    """The real gRPC server, in this process, on a loopback port 0, with stubs to call it."""
+    import grpc
+
+    from keysvc.rpc.server import ServerOptions, create_server
+    from keysvc.v1 import keys_pb2_grpc, seals_pb2_grpc
+    from grpc_health.v1 import health_pb2_grpc
+
+    grpc_server, port, _health = create_server(
+        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False)
+    )
+    grpc_server.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(address)
+    yield RunningServer(
+        address, domain, channel,
+        keys_pb2_grpc.KeyServiceStub(channel),
+        seals_pb2_grpc.SealServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
+    channel.close()
+    grpc_server.stop(None)

@@ -1,0 +1,87 @@
+"""Failures of the parts keysvc stands on reach the caller as clear statuses.
+
+The database is a real PostgreSQL database that is dropped under the running
+server; a moved key record is made with raw SQL on the real store.
+"""
+
+from __future__ import annotations
+
+import grpc
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from keysvc.model import KeyAlgorithm, KeyPurpose
+from keysvc.rpc.server import ServerOptions, create_server
+from keysvc.store.schema import key_versions
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+from tests.conftest import make_domain
+
+
+@pytest.fixture
+def postgres_server(hsm_token, postgres_url):
+    domain = make_domain(hsm_token, postgres_url)
+    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False))
+    grpc_server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield keys_pb2_grpc.KeyServiceStub(channel), seals_pb2_grpc.SealServiceStub(channel), postgres_url
+    channel.close()
+    grpc_server.stop(None)
+    domain.store.close()
+
+
+def _drop_database(url: str) -> None:
+    admin_url, _, name = url.rpartition("/")
+    with psycopg.connect(admin_url + "/postgres", autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_database_gone_gives_unavailable_and_the_next_calls_too(postgres_server, merchant):
+    keys, _seals, url = postgres_server
+    keys.CreateKey(keys_pb2.CreateKeyRequest(
+        merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256))
+    _drop_database(url)
+
+    for call in (
+        lambda: keys.GetKey(keys_pb2.GetKeyRequest(key_id=f"{merchant}/k"), timeout=10),
+        lambda: keys.RotateKey(keys_pb2.RotateKeyRequest(key_id=f"{merchant}/k"), timeout=10),
+        lambda: keys.CreateKey(keys_pb2.CreateKeyRequest(
+            merchant_id=merchant, name="other", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "database is unavailable" in raised.value.details()
+        assert "Traceback" not in raised.value.details()
+
+
+def test_key_record_moved_to_another_version_is_refused_with_data_loss(hsm_token, sqlite_url, merchant):
+    writer = make_domain(hsm_token, sqlite_url)
+    key = writer.keys.create_key(merchant, "k", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+    writer.keys.rotate_key(key.key_id)
+    # Copy version 1's wrapped key and binding tag onto version 2, as a tampered database would.
+    with writer.store.engine.begin() as connection:
+        v1 = connection.execute(
+            sa.select(key_versions).where(key_versions.c.key_id == key.key_id, key_versions.c.version == 1)
+        ).one()
+        connection.execute(
+            sa.update(key_versions)
+            .where(key_versions.c.key_id == key.key_id, key_versions.c.version == 2)
+            .values(wrapped_key=v1.wrapped_key, binding_tag=v1.binding_tag)
+        )
+    reader = make_domain(hsm_token, sqlite_url)  # a fresh process's view: nothing cached
+    grpc_server, port, _ = create_server("127.0.0.1:0", reader.keys, reader.sealer, ServerOptions(reuse_port=False))
+    grpc_server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            seals = seals_pb2_grpc.SealServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                seals.Seal(seals_pb2.SealRequest(key_id=key.key_id, message=b"m"), timeout=10)
+            assert raised.value.code() is grpc.StatusCode.DATA_LOSS
+            # Version 1 itself is untouched and still seals.
+            sealed = seals.Seal(seals_pb2.SealRequest(key_id=key.key_id, message=b"m", version=1), timeout=10)
+            assert sealed.version == 1
+    finally:
+        grpc_server.stop(None)
+        writer.store.close()
+        reader.store.close()
