@@ -81,6 +81,16 @@ _UNWRAP_ERRORS = (
 )
 
 
+@contextmanager
+def _general_error_means_bad_wrapping() -> Iterator[None]:
+    # SoftHSM answers CKR_GENERAL_ERROR when unwrapping fails to decode (bad OAEP or
+    # key-wrap padding): that is bad input, not an unavailable HSM.
+    try:
+        yield
+    except p11.GeneralError:
+        raise HsmUnwrapFailed("the wrapped key could not be unwrapped") from None
+
+
 class Digest(enum.Enum):
     """The hash functions the HMAC mechanisms use, with their sizes in bytes."""
 
@@ -305,7 +315,7 @@ class Hsm:
         self._require_token_keys()
         if self._import_private_key is None:
             raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
-        with self._locked():
+        with self._locked(), _general_error_means_bad_wrapping():
             secret = self._import_private_key.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
                 mechanism=Mechanism.RSA_PKCS_OAEP,
@@ -328,7 +338,7 @@ class Hsm:
         Raises HsmUnwrapFailed when the data is damaged or from another master key.
         """
         self._require_token_keys()
-        with self._locked():
+        with self._locked(), _general_error_means_bad_wrapping():
             key = self._master_key.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, wrapped_secret,
                 mechanism=Mechanism.AES_KEY_WRAP_PAD,

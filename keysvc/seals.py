@@ -174,8 +174,8 @@ class Sealer:
             groups[(key.key_id, version.version)].append(index)
         for group, indexes in groups.items():
             key, version = chosen[group]
+            _check_deadline(deadline)  # fails the whole call: the caller has given up on it
             try:
-                _check_deadline(deadline)
                 tags = self._ring.hmac_many(key, version, (requests[i].message for i in indexes))
             except KeysvcError as error:
                 for index in indexes:
@@ -200,8 +200,8 @@ class Sealer:
         self._check_batch(requests)
         outcomes: list[Verification | KeysvcError] = []
         for request in requests:
+            _check_deadline(deadline)  # fails the whole call: the caller has given up on it
             try:
-                _check_deadline(deadline)
                 outcomes.append(self._verify_one(request))
             except KeysvcError as error:
                 outcomes.append(error)
