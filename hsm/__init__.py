@@ -6,6 +6,7 @@ It knows keys, mechanisms and sessions, and nothing of payments.
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
+    HsmKeyNotPreserved,
     HsmKeyRejected,
     HsmStaleHandle,
     HsmUnavailable,
@@ -20,6 +21,7 @@ __all__ = [
     "HsmConfig",
     "HsmConfigurationError",
     "HsmError",
+    "HsmKeyNotPreserved",
     "HsmKeyRejected",
     "HsmStaleHandle",
     "HsmUnavailable",

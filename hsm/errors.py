@@ -17,6 +17,10 @@ class HsmKeyRejected(HsmError):
     """The HSM refused a key for this mechanism, e.g. an HMAC key shorter than the digest."""
 
 
+class HsmKeyNotPreserved(HsmKeyRejected):
+    """Wrapping would change the key (SoftHSM pads keys to a multiple of 8 bytes)."""
+
+
 class HsmUnwrapFailed(HsmError):
     """A wrapped key could not be unwrapped: wrong wrapping key or damaged data."""
 

@@ -30,6 +30,7 @@ from pkcs11.util.rsa import encode_rsa_public_key
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
+    HsmKeyNotPreserved,
     HsmKeyRejected,
     HsmStaleHandle,
     HsmUnavailable,
@@ -221,7 +222,7 @@ class Hsm:
                 yield self._session
             except HsmError:
                 raise
-            except p11.KeySizeRange:
+            except (p11.KeySizeRange, p11.KeyNotWrappable):
                 raise HsmKeyRejected("the key's size is out of range for this mechanism") from None
             except _UNWRAP_ERRORS:
                 raise HsmUnwrapFailed("the wrapped key could not be unwrapped") from None
@@ -306,40 +307,53 @@ class Hsm:
             finally:
                 secret.destroy()
 
-    def rewrap_imported_secret(self, oaep_wrapped_secret: bytes) -> bytes:
+    def rewrap_imported_secret(self, oaep_wrapped_secret: bytes, digest: Digest) -> bytes:
         """Unwraps a secret sent under the import key (RSA-OAEP, SHA-1, MGF1-SHA-1)
         inside the HSM and returns it wrapped under the master key instead.
 
-        Raises HsmUnwrapFailed when the data was not wrapped with the import key.
+        The secret is for HMAC with `digest`: it is checked to give the same tags
+        once re-wrapped, because SoftHSM 2.6.1 zero-pads a key to a multiple of 8
+        bytes when wrapping it (harmless up to the hash block size, where HMAC pads
+        with zeros anyway; a longer key is hashed first, and its tags would change).
+
+        Raises HsmUnwrapFailed when the data was not wrapped with the import key,
+        HsmKeyRejected when the HSM refuses the key for HMAC-`digest` (too short,
+        empty), HsmKeyNotPreserved when wrapping would change its tags.
         """
         self._require_token_keys()
         if self._import_private_key is None:
             raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
-        with self._locked(), _general_error_means_bad_wrapping():
-            secret = self._import_private_key.unwrap_key(
-                ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
-                mechanism=Mechanism.RSA_PKCS_OAEP,
-                mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
-                store=False,
-                template={
-                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
-                    Attribute.SIGN: True, Attribute.VERIFY: True, **_NO_EXTRA_CAPABILITIES,
-                },
-            )
+        with self._locked() as session:
+            with _general_error_means_bad_wrapping():
+                secret = self._import_private_key.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
+                    mechanism=Mechanism.RSA_PKCS_OAEP,
+                    mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
+                    store=False,
+                    template={
+                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                        Attribute.SIGN: True, Attribute.VERIFY: True, **_NO_EXTRA_CAPABILITIES,
+                    },
+                )
             try:
-                return self._master_key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+                wrapped = self._master_key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+                reloaded = self._unwrap_for_use(wrapped)
+                try:
+                    probe = b"keysvc-wrap-check"
+                    same = secret.sign(probe, mechanism=digest.hmac_mechanism) == reloaded.sign(
+                        probe, mechanism=digest.hmac_mechanism
+                    )
+                finally:
+                    reloaded.destroy()
             finally:
                 secret.destroy()
+            if not same:
+                raise HsmKeyNotPreserved("wrapping would change this key's HMAC tags")
+            return wrapped
 
-    def load_secret(self, wrapped_secret: bytes) -> SecretKeyHandle:
-        """Unwraps a master-key-wrapped secret into a non-extractable session key.
-
-        Release it with release_secret when it is no longer cached.
-        Raises HsmUnwrapFailed when the data is damaged or from another master key.
-        """
-        self._require_token_keys()
-        with self._locked(), _general_error_means_bad_wrapping():
-            key = self._master_key.unwrap_key(
+    def _unwrap_for_use(self, wrapped_secret: bytes) -> pkcs11.SecretKey:
+        with _general_error_means_bad_wrapping():
+            return self._master_key.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, wrapped_secret,
                 mechanism=Mechanism.AES_KEY_WRAP_PAD,
                 store=False,
@@ -348,7 +362,23 @@ class Hsm:
                     Attribute.SIGN: True, Attribute.VERIFY: False, **_NO_EXTRA_CAPABILITIES,
                 },
             )
-            return SecretKeyHandle(key, self.generation)
+
+    def load_secret(self, wrapped_secret: bytes) -> SecretKeyHandle:
+        """Unwraps a master-key-wrapped secret into a non-extractable session key.
+
+        Release it with release_secret when it is no longer cached.
+        Raises HsmUnwrapFailed when the data is damaged or from another master key.
+        """
+        self._require_token_keys()
+        with self._locked():
+            return SecretKeyHandle(self._unwrap_for_use(wrapped_secret), self.generation)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Holds the process's PKCS#11 lock across several calls, e.g. so that a cached
+        handle cannot be released by another thread between looking it up and using it."""
+        with _PROCESS_LOCK:
+            yield
 
     def release_secret(self, handle: SecretKeyHandle) -> None:
         """Destroys a session key; a stale handle (its session is gone) is ignored."""

@@ -175,13 +175,15 @@ class KeyRing:
         """The key version's HMAC of each message, computed in the HSM."""
         messages = list(messages)
         for _attempt in range(2):
-            handle = self._handle(key, version)
-            try:
-                with hsm_errors():
-                    return self._hsm.hmac_many(handle, key.algorithm.digest, messages)
-            except Unavailable:
-                if handle.generation == self._hsm.generation:
-                    raise
+            # Held from lookup to use, so that no other thread releases the handle in between.
+            with self._hsm.exclusive():
+                handle = self._handle(key, version)
+                try:
+                    with hsm_errors():
+                        return self._hsm.hmac_many(handle, key.algorithm.digest, messages)
+                except Unavailable:
+                    if handle.generation == self._hsm.generation:
+                        raise
                 # The module was re-initialised (a fork): drop the stale handle, load again.
                 self._release_where(lambda k, v: (k, v) == (key.key_id, version.version))
         raise Unavailable("the HSM is unavailable: key handle could not be reloaded")

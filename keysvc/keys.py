@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from cryptography.hazmat.primitives import serialization
 
 import hsm
-from keysvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from keysvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from keysvc.keyring import CHECK_VALUE_MESSAGE, KeyRing, binding_message, check_value, hsm_errors
 from keysvc.model import (
     Key,
@@ -112,28 +112,32 @@ class KeyManager:
     def _imported_material(self, algorithm: KeyAlgorithm, wrapped_secret: bytes) -> NewMaterial:
         if not wrapped_secret:
             raise InvalidArgument("wrapped_secret", "is required")
+        digest = algorithm.digest
         try:
-            wrapped = self._hsm.rewrap_imported_secret(wrapped_secret)
+            wrapped = self._hsm.rewrap_imported_secret(wrapped_secret, digest)
         except hsm.HsmUnwrapFailed:
             raise InvalidArgument(
                 "wrapped_secret",
                 f"could not be unwrapped: wrap the secret with {IMPORT_WRAPPING_ALGORITHM} "
                 "under the public key from GetImportParameters",
             ) from None
-        except hsm.HsmError as error:
-            with hsm_errors():
-                raise error
-        try:
-            with hsm_errors():
-                value = self._check_value(algorithm, wrapped)
-        except FailedPrecondition:
-            size = algorithm.digest.digest_size
+        except hsm.HsmKeyNotPreserved:
             raise InvalidArgument(
                 "wrapped_secret",
-                f"the secret is shorter than {size} bytes, the least {algorithm.value} accepts "
-                f"here: zero-pad it to {size} bytes before wrapping (the tags are unchanged)",
+                f"a secret longer than {digest.block_size} bytes cannot be kept intact by this HSM: "
+                f"import its {digest.name} hash instead, which HMAC uses in its place (RFC 2104)",
             ) from None
-        return NewMaterial(wrapped, value, KeyOrigin.IMPORTED)
+        except hsm.HsmKeyRejected:
+            raise InvalidArgument(
+                "wrapped_secret",
+                f"the HSM refuses this secret for {algorithm.value}: it must be {digest.digest_size} "
+                f"bytes or more (zero-pad a shorter one to {digest.digest_size} bytes before wrapping; "
+                "the tags are unchanged)",
+            ) from None
+        except hsm.HsmError as error:
+            raise Unavailable(f"the HSM is unavailable: {error}") from None
+        with hsm_errors():
+            return NewMaterial(wrapped, self._check_value(algorithm, wrapped), KeyOrigin.IMPORTED)
 
     def _new_version(self, key: Key, number: int, material: NewMaterial) -> KeyVersion:
         version = KeyVersion(
@@ -357,6 +361,6 @@ def _decode_page_token(page_token: str) -> str:
     if not page_token:
         return ""
     try:
-        return base64.urlsafe_b64decode(page_token.encode()).decode()
+        return base64.b64decode(page_token.encode(), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgument("page_token", "is not a token from a previous ListKeys response") from None

@@ -12,6 +12,7 @@ import base64
 import binascii
 import enum
 import hmac
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from keysvc.model import Key, KeyPurpose, KeyVersion
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 DEFAULT_MAX_BATCH_ITEMS = 1000
+# bytes.fromhex alone would also take spaces.
+_HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 class SealScheme(enum.Enum):
@@ -84,6 +87,8 @@ def decode_tag(seal: str, encoding: SealEncoding) -> bytes:
     try:
         if encoding is SealEncoding.BASE64:
             return base64.b64decode(seal.encode("ascii"), validate=True)
+        if not _HEX_DIGITS.fullmatch(seal):
+            raise ValueError("not hex")
         return bytes.fromhex(seal)
     except (ValueError, binascii.Error, UnicodeEncodeError):
         raise InvalidArgument("seal", f"is not {encoding.value.lower()} text") from None

@@ -161,7 +161,7 @@ def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'keysvc.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgres"], ids=["sqlite", "postgresql"])
 def database_url(request) -> str:
     """Each test using this runs against SQLite and against PostgreSQL."""
     return request.getfixturevalue(f"{request.param}_url")

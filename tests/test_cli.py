@@ -1,0 +1,451 @@
+"""The `keysvc` command line end to end: a real `keysvc serve` subprocess on port 0
+(real SoftHSM token, SQLite file) and real `keysvc --server ADDR ...` subprocesses.
+
+Also home of `start_keysvc_server`, the helper that runs `keysvc serve` for the
+subprocess tests (test_workers, test_rotation_load import it).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+KEYSVC = str(REPO / ".venv" / "bin" / "keysvc")
+TOKEN_LABEL = "keysvc-test"
+READY_LINE = re.compile(r"keysvc serving on (\S+) with (\d+) worker\(s\)")
+# The SIPS simulation secret, as the bank hands it out: 20 bytes, shorter than SHA-256.
+SIPS_SECRET = b"002001000000002_KEY1"
+CLI_TIMEOUT = 30.0
+EXIT_OK, EXIT_INVALID_SEAL, EXIT_ERROR = 0, 1, 2
+
+
+# -- running `keysvc serve` --------------------------------------------------------------------
+
+
+@dataclass
+class KeysvcServer:
+    """A `keysvc serve` subprocess (in its own process group) and the address it announced."""
+
+    process: subprocess.Popen
+    address: str
+    workers: int
+    log_path: Path
+    stdout_lines: "queue.Queue[str | None]" = field(repr=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, within: float) -> int | None:
+        """Sends SIGTERM to the server process; its exit code, or None if still running after `within` s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill_group(self) -> None:
+        """Last resort: SIGKILL to the server's own process group (itself and its workers)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+
+
+def _read_lines(stream, lines: "queue.Queue[str | None]") -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def start_keysvc_server(token, database_url: str, log_path: Path, *, workers: int = 1,
+                        ready_within: float = 90.0) -> KeysvcServer:
+    """Starts `keysvc serve` on 127.0.0.1:0 and returns once it announces its address."""
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(
+        [KEYSVC, "serve", "--listen", "127.0.0.1:0", "--database", database_url,
+         "--token-label", TOKEN_LABEL, "--workers", str(workers)],
+        env=token.env, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
+        text=True, start_new_session=True,
+    )
+    log_file.close()
+    lines: "queue.Queue[str | None]" = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + ready_within
+    server = KeysvcServer(process, "", workers, log_path, lines)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            server.kill_group()
+            pytest.fail(f"keysvc serve did not announce itself within {ready_within} s:\n{server.log()}")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            process.wait(timeout=10)
+            pytest.fail(f"keysvc serve exited with {process.returncode} before serving:\n{server.log()}")
+        announced = READY_LINE.search(line)
+        if announced:
+            server.address = announced.group(1)
+            assert int(announced.group(2)) == workers
+            return server
+
+
+def stop_keysvc_server(server: KeysvcServer) -> None:
+    """Teardown: SIGTERM, and SIGKILL to the group if that is not enough."""
+    if server.terminate(within=20) is None:
+        server.kill_group()
+
+
+# -- running the CLI --------------------------------------------------------------------------
+
+
+@dataclass
+class Api:
+    """KeyService and SealService stubs with the few calls the CLI tests set up with."""
+
+    keys: object
+    seals: object
+
+    def create(self, key_id: str) -> keys_pb2.Key:
+        merchant_id, name = key_id.split("/")
+        return self.keys.CreateKey(keys_pb2.CreateKeyRequest(
+            merchant_id=merchant_id, name=name, algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=10).key
+
+    def rotate(self, key_id: str) -> int:
+        return self.keys.RotateKey(keys_pb2.RotateKeyRequest(key_id=key_id), timeout=10).version
+
+    def get(self, key_id: str) -> keys_pb2.Key:
+        return self.keys.GetKey(keys_pb2.GetKeyRequest(key_id=key_id), timeout=10).key
+
+    def seal(self, key_id: str, message: bytes, **fields) -> seals_pb2.SealResponse:
+        return self.seals.Seal(seals_pb2.SealRequest(key_id=key_id, message=message, **fields), timeout=10)
+
+    def verify(self, key_id: str, message: bytes, seal_text: str) -> seals_pb2.VerifyResponse:
+        return self.seals.Verify(seals_pb2.VerifyRequest(key_id=key_id, message=message, seal=seal_text), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cli_server(token, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli")
+    server = start_keysvc_server(token, f"sqlite:///{directory / 'k.db'}", directory / "serve.log")
+    yield server
+    stop_keysvc_server(server)
+
+
+@pytest.fixture(scope="module")
+def api(cli_server):
+    """gRPC stubs on the same server, for setting up and checking what a command did."""
+    channel = grpc.insecure_channel(cli_server.address)
+    yield Api(keys_pb2_grpc.KeyServiceStub(channel), seals_pb2_grpc.SealServiceStub(channel))
+    channel.close()
+
+
+def keysvc(server: KeysvcServer, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [KEYSVC, "--server", server.address, *args],
+        input=stdin, capture_output=True, text=True, timeout=CLI_TIMEOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("KEYSVC_")},
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == EXIT_OK, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result.stdout
+
+
+def as_json(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(ok(result))
+
+
+def check_value_of(secret: bytes) -> str:
+    return hmac.new(secret, bytes(16), hashlib.sha256).digest()[:3].hex().upper()
+
+
+def version_states(key_json: dict) -> dict[int, str]:
+    return {v["version"]: v["state"] for v in key_json["versions"]}
+
+
+# -- keys -------------------------------------------------------------------------------------------
+# Each test runs the command it is about through the CLI; set-up and checks of the effect go
+# through gRPC stubs on the same server (each CLI run is a fresh interpreter: ~0.4 s).
+
+
+def state_name(number: int) -> str:
+    return keys_pb2.KeyVersionState.Name(number)
+
+
+def states_of(key: keys_pb2.Key) -> dict[int, str]:
+    return {v.version: state_name(v.state) for v in key.versions}
+
+
+def test_keys_create_prints_the_new_key_and_show_prints_the_same(cli_server, merchant):
+    created = ok(keysvc(cli_server, "keys", "create", f"{merchant}/sips"))
+
+    assert f"key        {merchant}/sips" in created
+    assert "algorithm  HMAC_SHA256" in created
+    assert "primary    1" in created
+    assert re.search(r"^\s+1\s+ENABLED\s+GENERATED\s+[0-9A-F]{6}\s+\d{4}-\d\d-\d\dT", created, re.M)
+    assert ok(keysvc(cli_server, "keys", "show", f"{merchant}/sips")) == created
+
+
+def test_keys_create_json_parses_as_the_key_the_server_holds(cli_server, api, merchant):
+    created = as_json(keysvc(cli_server, "--json", "keys", "create", f"{merchant}/json", "--algorithm", "hmac-sha512"))
+
+    assert created["key_id"] == f"{merchant}/json"
+    assert created["merchant_id"] == merchant and created["name"] == "json"
+    assert created["algorithm"] == "KEY_ALGORITHM_HMAC_SHA512"
+    assert created["primary_version"] == 1
+    assert version_states(created) == {1: "KEY_VERSION_STATE_ENABLED"}
+    held = api.get(f"{merchant}/json")
+    assert created["versions"][0]["check_value"] == held.versions[0].check_value
+    assert re.fullmatch(r"[0-9A-F]{6}", held.versions[0].check_value)
+
+
+def test_keys_list_shows_the_merchants_keys_in_key_id_order(cli_server, api, merchant):
+    for key_id in (f"{merchant}/b", f"{merchant}/a", f"{merchant}x/a"):
+        api.create(key_id)
+
+    listed = ok(keysvc(cli_server, "keys", "list", "--merchant", merchant))
+
+    assert [line.split()[0] for line in listed.splitlines()] == [f"{merchant}/a", f"{merchant}/b"]
+    assert all("HMAC_SHA256" in line and line.rstrip().endswith("primary 1") for line in listed.splitlines())
+    everything = [k["key_id"] for k in as_json(keysvc(cli_server, "--json", "keys", "list"))["keys"]]
+    assert everything == sorted(everything)
+    assert {f"{merchant}/a", f"{merchant}/b", f"{merchant}x/a"} <= set(everything)
+
+
+def test_keys_list_of_a_merchant_without_keys_says_no_keys(cli_server, merchant):
+    assert ok(keysvc(cli_server, "keys", "list", "--merchant", merchant)).strip() == "no keys"
+
+
+def test_keys_rotate_prints_the_new_primary_and_seals_then_use_it(cli_server, api, merchant):
+    key_id = f"{merchant}/rot"
+    api.create(key_id)
+
+    rotated = ok(keysvc(cli_server, "keys", "rotate", key_id))
+    rotated_json = as_json(keysvc(cli_server, "--json", "keys", "rotate", key_id))
+
+    assert rotated.startswith("new primary version 2\n")
+    assert "primary    2" in rotated
+    assert rotated_json["version"] == 3 and rotated_json["key"]["primary_version"] == 3
+    assert api.seal(key_id, b"m").version == 3
+
+
+def test_keys_set_state_verify_only_and_disabled_change_what_the_version_may_do(cli_server, api, merchant):
+    key_id = f"{merchant}/state"
+    api.create(key_id)
+    old_seal = api.seal(key_id, b"m").seal
+    api.rotate(key_id)
+
+    shown = ok(keysvc(cli_server, "keys", "set-state", key_id, "1", "verify-only"))
+
+    assert re.search(r"^\s+1\s+VERIFY_ONLY\s", shown, re.M)
+    assert api.verify(key_id, b"m", old_seal).version == 1
+    with pytest.raises(grpc.RpcError) as refused:
+        api.seal(key_id, b"m", version=1)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+    disabled = as_json(keysvc(cli_server, "--json", "keys", "set-state", key_id, "1", "disabled"))
+
+    assert version_states(disabled)[1] == "KEY_VERSION_STATE_DISABLED"
+    assert api.verify(key_id, b"m", old_seal).valid is False
+
+
+def test_keys_set_primary_makes_seals_use_that_version(cli_server, api, merchant):
+    key_id = f"{merchant}/primary"
+    api.create(key_id)
+    api.rotate(key_id)
+
+    shown = ok(keysvc(cli_server, "keys", "set-primary", key_id, "1"))
+
+    assert "primary    1" in shown
+    assert api.seal(key_id, b"m").version == 1
+
+
+def test_keys_destroy_yes_destroys_and_again_exits_2_failed_precondition(cli_server, api, merchant):
+    key_id = f"{merchant}/destroy"
+    api.create(key_id)
+    old_seal = api.seal(key_id, b"m").seal
+    api.rotate(key_id)
+
+    destroyed = as_json(keysvc(cli_server, "--json", "keys", "destroy", key_id, "1", "--yes"))
+
+    assert version_states(destroyed)[1] == "KEY_VERSION_STATE_DESTROYED"
+    assert "destroy_time" in next(v for v in destroyed["versions"] if v["version"] == 1)
+    assert api.verify(key_id, b"m", old_seal).valid is False
+    again = keysvc(cli_server, "keys", "destroy", key_id, "1", "--yes")
+    assert again.returncode == EXIT_ERROR and again.stderr.startswith("error: FAILED_PRECONDITION")
+
+
+def test_keys_destroy_without_yes_asks_and_a_no_destroys_nothing(cli_server, api, merchant):
+    key_id = f"{merchant}/keep"
+    api.create(key_id)
+    api.rotate(key_id)
+
+    answered_no = keysvc(cli_server, "keys", "destroy", key_id, "1", stdin="n\n")
+
+    assert answered_no.returncode != EXIT_OK
+    assert "Destroy version 1" in answered_no.stdout + answered_no.stderr
+    assert states_of(api.get(key_id))[1] == "KEY_VERSION_STATE_ENABLED"
+
+
+# -- import -----------------------------------------------------------------------------------------
+
+
+def test_keys_import_of_the_sips_text_secret_prints_its_check_value_and_seals_like_python_hmac(
+        cli_server, merchant, tmp_path):
+    key_id = f"{merchant}/sips"
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_bytes(SIPS_SECRET + b"\n")  # as saved by an editor: the newline is not part of it
+    assert len(SIPS_SECRET) == 20
+
+    imported = ok(keysvc(cli_server, "keys", "import", key_id, "--secret-file", str(secret_file),
+                         "--secret-format", "text"))
+
+    expected = check_value_of(SIPS_SECRET)
+    assert imported.startswith(f"imported version 1, check value {expected}\n")
+    assert re.search(rf"^\s+1\s+ENABLED\s+IMPORTED\s+{expected}\s", imported, re.M)
+    message = "amount=55|currencyCode=978|merchantId=002001000000002|transactionReference=cli42"
+    sealed = ok(keysvc(cli_server, "seal", "compute", key_id, "--message", message)).strip()
+    assert sealed == hmac.new(SIPS_SECRET, message.encode(), hashlib.sha256).hexdigest()
+    assert ok(keysvc(cli_server, "seal", "verify", key_id, sealed, "--message", message)).strip() == "valid (version 1)"
+
+
+def test_keys_import_hex_secret_from_stdin_as_a_numbered_primary_version(cli_server, api, merchant):
+    key_id = f"{merchant}/hex"
+    api.create(key_id)
+    secret = os.urandom(32)
+
+    imported = as_json(keysvc(cli_server, "--json", "keys", "import", key_id, "--secret-file", "-",
+                              "--secret-format", "hex", "--version", "5", "--make-primary",
+                              stdin=secret.hex() + "\n"))
+
+    assert imported["version"] == 5
+    assert imported["check_value"] == check_value_of(secret)
+    assert imported["key"]["primary_version"] == 5
+    sealed = api.seal(key_id, b"x")
+    assert (sealed.version, sealed.seal) == (5, hmac.new(secret, b"x", hashlib.sha256).hexdigest())
+
+
+def test_keys_import_of_a_version_number_already_taken_exits_2_already_exists(cli_server, api, merchant, tmp_path):
+    key_id = f"{merchant}/taken"
+    api.create(key_id)
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_bytes(SIPS_SECRET)
+
+    again = keysvc(cli_server, "keys", "import", key_id, "--secret-file", str(secret_file), "--version", "1")
+
+    assert again.returncode == EXIT_ERROR
+    assert again.stderr.startswith("error: ALREADY_EXISTS")
+    assert SIPS_SECRET.decode() not in again.stderr + again.stdout
+    assert [v.version for v in api.get(key_id).versions] == [1]
+
+
+# -- seals ------------------------------------------------------------------------------------------
+
+
+def test_seal_verify_exits_0_when_valid_and_1_when_the_seal_or_message_is_wrong(cli_server, api, merchant):
+    key_id = f"{merchant}/verify"
+    api.create(key_id)
+    sealed = api.seal(key_id, b"pay 10 EUR").seal
+    tampered = ("0" if sealed[0] != "0" else "1") + sealed[1:]
+
+    valid = keysvc(cli_server, "seal", "verify", key_id, sealed, "--message", "pay 10 EUR")
+    wrong_seal = keysvc(cli_server, "seal", "verify", key_id, tampered, "--message", "pay 10 EUR")
+    wrong_message = keysvc(cli_server, "--json", "seal", "verify", key_id, sealed, "--message", "pay 99 EUR")
+
+    assert (valid.returncode, valid.stdout.strip()) == (EXIT_OK, "valid (version 1)")
+    assert (wrong_seal.returncode, wrong_seal.stdout.strip()) == (EXIT_INVALID_SEAL, "INVALID")
+    assert wrong_message.returncode == EXIT_INVALID_SEAL
+    assert json.loads(wrong_message.stdout).get("valid", False) is False
+
+
+def test_seal_compute_and_verify_in_base64_from_a_message_file(cli_server, api, merchant, tmp_path):
+    key_id = f"{merchant}/b64"
+    api.create(key_id)
+    message = bytes(range(256))
+    message_file = tmp_path / "message.bin"
+    message_file.write_bytes(message)
+
+    sealed = ok(keysvc(cli_server, "seal", "compute", key_id, "--message-file", str(message_file),
+                       "--encoding", "base64")).strip()
+    verified = as_json(keysvc(cli_server, "--json", "seal", "verify", key_id, sealed,
+                              "--message-file", str(message_file), "--encoding", "base64"))
+
+    assert base64.b64decode(sealed, validate=True) == bytes.fromhex(api.seal(key_id, message).seal)
+    assert verified == {"valid": True, "key_id": key_id, "version": 1}
+
+
+def test_seal_compute_reads_the_message_from_stdin_as_utf8_bytes(cli_server, api, merchant):
+    key_id = f"{merchant}/stdin"
+    api.create(key_id)
+    from_stdin = ok(keysvc(cli_server, "seal", "compute", key_id, "--message-file", "-", stdin="héllo")).strip()
+    assert from_stdin == api.seal(key_id, "héllo".encode()).seal
+
+
+def test_seal_compute_json_echoes_the_key_and_version(cli_server, api, merchant):
+    key_id = f"{merchant}/echo"
+    api.create(key_id)
+    sealed = as_json(keysvc(cli_server, "--json", "seal", "compute", key_id, "--message", "m"))
+    assert sealed == {"seal": api.seal(key_id, b"m").seal, "key_id": key_id, "version": 1}
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def test_unknown_key_exits_2_with_error_not_found_on_stderr(cli_server, merchant):
+    for args in (["keys", "show", f"{merchant}/none"], ["seal", "verify", f"{merchant}/none", "00", "--message", "m"]):
+        result = keysvc(cli_server, *args)
+        assert result.returncode == EXIT_ERROR, args
+        assert result.stderr.startswith("error: NOT_FOUND"), result.stderr
+        assert result.stdout == ""
+
+
+def test_malformed_key_id_and_duplicate_create_exit_2_with_their_status(cli_server, api, merchant):
+    malformed = keysvc(cli_server, "keys", "show", "no-slash")
+    assert malformed.returncode == EXIT_ERROR
+    assert malformed.stderr.startswith("error: INVALID_ARGUMENT")
+    api.create(f"{merchant}/dup")
+    duplicate = keysvc(cli_server, "keys", "create", f"{merchant}/dup")
+    assert duplicate.returncode == EXIT_ERROR
+    assert duplicate.stderr.startswith("error: ALREADY_EXISTS")
+
+
+def test_unreachable_server_exits_2_with_error_unavailable(tmp_path):
+    unreachable = KeysvcServer(None, "127.0.0.1:1", 1, tmp_path / "none.log", queue.Queue())
+    result = keysvc(unreachable, "--timeout", "5", "keys", "list")
+    assert result.returncode == EXIT_ERROR
+    assert result.stderr.startswith("error: UNAVAILABLE"), result.stderr
+
+
+# -- shutdown (last: it stops the module's server) -------------------------------------------------
+
+
+def test_sigterm_stops_the_server_with_exit_code_0_within_10_s(cli_server, api):
+    api.keys.ListKeys(keys_pb2.ListKeysRequest(page_size=1), timeout=10)
+
+    assert cli_server.terminate(within=10) == 0, cli_server.log()
+
+    with pytest.raises(grpc.RpcError) as refused:
+        api.keys.ListKeys(keys_pb2.ListKeysRequest(page_size=1), timeout=2)
+    assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -1,0 +1,398 @@
+"""The hsm layer on the real SoftHSM2 test token (the session `hsm_token` fixture).
+
+Generated secrets never leave the HSM, so their tags are checked for shape and
+determinism only; secrets imported under the token's RSA-OAEP (SHA-1) import key
+are known here, so their tags are checked against Python's `hmac` module.
+The concurrency and fork tests exercise the facts in shared/HSM-NOTES.md: one
+process-wide lock around every PKCS#11 call, and re-initialisation after fork.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import os
+import pickle
+import threading
+import time
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+import hsm
+
+HASHLIB_NAMES = {
+    hsm.Digest.SHA1: "sha1",
+    hsm.Digest.SHA256: "sha256",
+    hsm.Digest.SHA384: "sha384",
+    hsm.Digest.SHA512: "sha512",
+}
+OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+
+
+def import_public_key(token: hsm.Hsm) -> rsa.RSAPublicKey:
+    return serialization.load_der_public_key(token.import_public_key_der)
+
+
+def oaep_wrap(token: hsm.Hsm, secret: bytes) -> bytes:
+    """`secret` wrapped as a bank would send it: RSA-OAEP (SHA-1, MGF1-SHA-1) under the import key."""
+    return import_public_key(token).encrypt(secret, OAEP_SHA1)
+
+
+def python_hmac(secret: bytes, digest: hsm.Digest, message: bytes) -> bytes:
+    return hmac.new(secret, message, HASHLIB_NAMES[digest]).digest()
+
+
+@pytest.fixture
+def known_secret_handle(hsm_token):
+    """A handle on a known 32-byte secret imported through the import key, released afterwards."""
+    secret = bytes(range(1, 33))
+    handle = hsm_token.load_secret(hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), hsm.Digest.SHA256))
+    yield secret, handle
+    hsm_token.release_secret(handle)
+
+
+# -- token keys -------------------------------------------------------------------------------
+
+
+def test_import_public_key_is_rsa_3072_in_pkcs1_der(hsm_token):
+    public_key = import_public_key(hsm_token)
+
+    assert isinstance(public_key, rsa.RSAPublicKey)
+    assert public_key.key_size == 3072
+
+
+def test_bind_is_a_deterministic_32_byte_tag_that_depends_on_the_data(hsm_token):
+    first = hsm_token.bind(b"record one")
+
+    assert len(first) == 32
+    assert hsm_token.bind(b"record one") == first
+    assert hsm_token.bind(b"record two") != first
+
+
+# -- generated secrets ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("digest", list(hsm.Digest), ids=lambda d: d.name)
+def test_generated_secret_gives_deterministic_digest_length_tags(hsm_token, digest):
+    wrapped = hsm_token.generate_wrapped_secret(digest.digest_size)
+    handle = hsm_token.load_secret(wrapped)
+    try:
+        tag = hsm_token.hmac(handle, digest, b"message")
+
+        assert len(tag) == digest.digest_size
+        assert hsm_token.hmac(handle, digest, b"message") == tag
+        assert hsm_token.hmac(handle, digest, b"other message") != tag
+    finally:
+        hsm_token.release_secret(handle)
+
+
+def test_generated_secret_loaded_twice_gives_the_same_tags(hsm_token):
+    wrapped = hsm_token.generate_wrapped_secret(32)
+    first, second = hsm_token.load_secret(wrapped), hsm_token.load_secret(wrapped)
+    try:
+        assert hsm_token.hmac(first, hsm.Digest.SHA256, b"m") == hsm_token.hmac(second, hsm.Digest.SHA256, b"m")
+    finally:
+        hsm_token.release_secret(first)
+        hsm_token.release_secret(second)
+
+
+def test_two_generated_secrets_differ(hsm_token):
+    handles = [hsm_token.load_secret(hsm_token.generate_wrapped_secret(32)) for _ in range(2)]
+    try:
+        tags = {hsm_token.hmac(handle, hsm.Digest.SHA256, b"m") for handle in handles}
+        assert len(tags) == 2
+    finally:
+        for handle in handles:
+            hsm_token.release_secret(handle)
+
+
+def test_wrapped_secret_is_aes_key_wrap_padded_size(hsm_token):
+    # CKM_AES_KEY_WRAP_PAD (RFC 5649): 8-byte integrity block plus the key padded to 8 bytes.
+    assert len(hsm_token.generate_wrapped_secret(20)) == 32
+    assert len(hsm_token.generate_wrapped_secret(32)) == 40
+    assert len(hsm_token.generate_wrapped_secret(64)) == 72
+
+
+# -- imported secrets -------------------------------------------------------------------------
+
+
+# SoftHSM 2.6.1's CKM_AES_KEY_WRAP_PAD wrap zero-pads a key to a multiple of 8 bytes before
+# wrapping (measured: a 65-byte secret unwraps as 72 bytes). HMAC zero-pads keys up to the block
+# size anyway, so that is harmless for a key no longer than 64 bytes (the smallest block size) or
+# whose length is a multiple of 8. Longer keys of other lengths are hashed whole by HMAC.
+def _exact_cases():
+    for digest in hsm.Digest:
+        lengths = {"digest-length": digest.digest_size, "block-length": digest.block_size,
+                   "twice-block-length": 2 * digest.block_size}
+        if digest.digest_size + 3 <= 64:
+            lengths["odd-length-up-to-64"] = digest.digest_size + 3
+        for name, length in lengths.items():
+            yield pytest.param(digest, length, id=f"{name}-{digest.name}")
+
+
+def _exact_or_refused_cases():
+    for digest in hsm.Digest:
+        lengths = {"block-plus-one": digest.block_size + 1, "twice-block-plus-three": 2 * digest.block_size + 3}
+        if digest.block_size > 64:
+            lengths["odd-length-over-64-within-block"] = 67
+        for name, length in lengths.items():
+            yield pytest.param(digest, length, id=f"{name}-{digest.name}")
+
+
+def _assert_hmacs_like_python(token: hsm.Hsm, wrapped: bytes, secret: bytes, digest: hsm.Digest) -> None:
+    handle = token.load_secret(wrapped)
+    try:
+        for message in (b"", b"Hi There", os.urandom(1024)):
+            assert token.hmac(handle, digest, message) == python_hmac(secret, digest, message)
+    finally:
+        token.release_secret(handle)
+
+
+@pytest.mark.parametrize("digest, length", list(_exact_cases()))
+def test_imported_secret_hmac_equals_python_hmac(hsm_token, digest, length):
+    secret = os.urandom(length)
+
+    wrapped = hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), digest)
+
+    _assert_hmacs_like_python(hsm_token, wrapped, secret, digest)
+
+
+@pytest.mark.parametrize("digest, length", list(_exact_or_refused_cases()))
+def test_imported_secret_over_64_bytes_and_not_a_multiple_of_8_hmacs_like_python_or_is_refused(
+    hsm_token, digest, length
+):
+    # Never a silently different key: the HSM keeps the secret's HMACs exactly, or refuses it.
+    secret = os.urandom(length)
+
+    try:
+        wrapped = hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), digest)
+    except hsm.HsmKeyNotPreserved:
+        return
+
+    _assert_hmacs_like_python(hsm_token, wrapped, secret, digest)
+
+
+def test_rewrapped_secret_does_not_contain_the_plaintext(hsm_token):
+    secret = b"\x5a" * 32
+
+    wrapped = hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), hsm.Digest.SHA256)
+
+    assert secret not in wrapped
+    assert secret[:8] not in wrapped
+
+
+def test_hmac_many_equals_hmac_of_each_message(hsm_token, known_secret_handle):
+    secret, handle = known_secret_handle
+    messages = [b"", b"a", b"bb", os.urandom(300)]
+
+    tags = hsm_token.hmac_many(handle, hsm.Digest.SHA256, messages)
+
+    assert tags == [python_hmac(secret, hsm.Digest.SHA256, m) for m in messages]
+
+
+@pytest.mark.parametrize("digest", list(hsm.Digest), ids=lambda d: d.name)
+def test_hmac_with_key_of_half_the_digest_length_raises_key_rejected(hsm_token, digest):
+    handle = hsm_token.load_secret(hsm_token.generate_wrapped_secret(digest.digest_size // 2))
+    try:
+        with pytest.raises(hsm.HsmKeyRejected):
+            hsm_token.hmac(handle, digest, b"message")
+    finally:
+        hsm_token.release_secret(handle)
+
+
+def test_hmac_with_short_imported_key_raises_key_rejected(hsm_token):
+    handle = hsm_token.load_secret(hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, b"k" * 20), hsm.Digest.SHA1))
+    try:
+        assert hsm_token.hmac(handle, hsm.Digest.SHA1, b"m") == python_hmac(b"k" * 20, hsm.Digest.SHA1, b"m")
+        with pytest.raises(hsm.HsmKeyRejected):
+            hsm_token.hmac(handle, hsm.Digest.SHA256, b"m")
+    finally:
+        hsm_token.release_secret(handle)
+
+
+@pytest.mark.parametrize("secret", [b"", b"k" * 20], ids=["empty", "20-bytes"])
+def test_rewrap_of_a_secret_too_short_for_hmac_sha256_raises_key_rejected(hsm_token, secret):
+    with pytest.raises(hsm.HsmKeyRejected):
+        hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), hsm.Digest.SHA256)
+
+
+# -- damaged or foreign wrapped data ----------------------------------------------------------
+
+
+def _flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+@pytest.mark.parametrize(
+    "make_garbage",
+    [
+        pytest.param(lambda token: os.urandom(40), id="random-40-bytes"),
+        pytest.param(lambda token: os.urandom(41), id="random-41-bytes"),
+        pytest.param(lambda token: os.urandom(8), id="random-8-bytes"),
+        pytest.param(lambda token: b"", id="empty"),
+        pytest.param(lambda token: _flip_last_byte(token.generate_wrapped_secret(32)), id="tampered"),
+    ],
+)
+def test_load_secret_of_garbage_raises_unwrap_failed(hsm_token, make_garbage):
+    with pytest.raises(hsm.HsmUnwrapFailed):
+        hsm_token.load_secret(make_garbage(hsm_token))
+
+
+def _wrapped_under_another_rsa_key(token: hsm.Hsm) -> bytes:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    return other.encrypt(b"s" * 32, OAEP_SHA1)
+
+
+@pytest.mark.parametrize(
+    "make_garbage",
+    [
+        pytest.param(lambda token: os.urandom(384), id="random-384-bytes"),
+        pytest.param(lambda token: os.urandom(10), id="random-10-bytes"),
+        pytest.param(lambda token: _flip_last_byte(oaep_wrap(token, b"s" * 32)), id="tampered"),
+        pytest.param(_wrapped_under_another_rsa_key, id="other-rsa-key"),
+    ],
+)
+def test_rewrap_of_data_not_wrapped_under_the_import_key_raises_unwrap_failed(hsm_token, make_garbage):
+    with pytest.raises(hsm.HsmUnwrapFailed):
+        hsm_token.rewrap_imported_secret(make_garbage(hsm_token), hsm.Digest.SHA256)
+
+
+# -- handles ----------------------------------------------------------------------------------
+
+
+def test_secret_key_handle_repr_shows_only_the_generation(hsm_token, known_secret_handle):
+    secret, handle = known_secret_handle
+
+    text = repr(handle)
+
+    assert text == f"SecretKeyHandle(generation={hsm_token.generation})"
+    assert str(handle) == text
+    assert secret.hex() not in text.lower()
+    assert not hasattr(handle, "__dict__")
+
+
+def test_secret_key_handle_refuses_pickling_and_copying(known_secret_handle):
+    _secret, handle = known_secret_handle
+
+    with pytest.raises(TypeError):
+        pickle.dumps(handle)
+    with pytest.raises(TypeError):
+        copy.copy(handle)
+    with pytest.raises(TypeError):
+        copy.deepcopy(handle)
+
+
+def test_released_handle_cannot_be_used_even_after_another_key_is_loaded(hsm_token):
+    wrapped = hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, b"r" * 32), hsm.Digest.SHA256)
+    released = hsm_token.load_secret(wrapped)
+    hsm_token.release_secret(released)
+
+    with pytest.raises(hsm.HsmError):
+        hsm_token.hmac(released, hsm.Digest.SHA256, b"m")
+
+    replacement = hsm_token.load_secret(wrapped)
+    try:
+        with pytest.raises(hsm.HsmError):
+            hsm_token.hmac(released, hsm.Digest.SHA256, b"m")
+        with pytest.raises(hsm.HsmError):
+            hsm_token.hmac_many(released, hsm.Digest.SHA256, [b"m"])
+    finally:
+        hsm_token.release_secret(replacement)
+
+
+# -- one lock, many threads -------------------------------------------------------------------
+
+
+def test_eight_threads_using_the_hsm_for_two_seconds_get_no_error_and_correct_tags(hsm_token, known_secret_handle):
+    secret, shared_handle = known_secret_handle
+    wrapped = hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), hsm.Digest.SHA256)
+    messages = [os.urandom(n) for n in (0, 1, 64, 1024)]
+    expected = {m: python_hmac(secret, hsm.Digest.SHA256, m) for m in messages}
+    errors: list[BaseException] = []
+    wrong_tags: list[bytes] = []
+    calls = [0] * 8
+    start = threading.Barrier(8)
+    deadline = time.monotonic() + 2.0
+
+    def worker(index: int) -> None:
+        start.wait()
+        try:
+            while time.monotonic() < deadline:
+                message = messages[calls[index] % len(messages)]
+                # Mix every kind of call: the lock must cover all of them, not sign alone.
+                if calls[index] % 50 == 0:
+                    own = hsm_token.load_secret(wrapped)
+                    try:
+                        tag = hsm_token.hmac_many(own, hsm.Digest.SHA256, [message])[0]
+                    finally:
+                        hsm_token.release_secret(own)
+                else:
+                    tag = hsm_token.hmac(shared_handle, hsm.Digest.SHA256, message)
+                if tag != expected[message]:
+                    wrong_tags.append(message)
+                calls[index] += 1
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert wrong_tags == []
+    assert all(count > 0 for count in calls)
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+
+def _wait_for_child(pid: int, timeout: float) -> int:
+    """The child's exit code; kills it (by its pid) when it outlives `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail(f"forked child {pid} did not finish within {timeout} s")
+
+
+def test_forked_child_reinitialises_the_module_and_parent_keeps_working(hsm_token, known_secret_handle):
+    secret, parent_handle = known_secret_handle
+    wrapped = hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), hsm.Digest.SHA256)
+    expected = python_hmac(secret, hsm.Digest.SHA256, b"after fork")
+    parent_generation = hsm_token.generation
+
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            handle = hsm_token.load_secret(wrapped)
+            fresh_ok = hsm_token.hmac(handle, hsm.Digest.SHA256, b"after fork") == expected
+            try:
+                hsm_token.hmac(parent_handle, hsm.Digest.SHA256, b"after fork")
+                stale_refused = False
+            except hsm.HsmStaleHandle:
+                stale_refused = True
+            reinitialised = hsm_token.generation == parent_generation + 1
+            code = 0 if (fresh_ok and stale_refused and reinitialised) else 3
+        except BaseException:  # noqa: BLE001 - the exit code reports it
+            code = 2
+        finally:
+            os._exit(code)
+
+    assert _wait_for_child(pid, timeout=60) == 0
+    assert hsm_token.generation == parent_generation
+    assert hsm_token.hmac(parent_handle, hsm.Digest.SHA256, b"after fork") == expected
+    fresh = hsm_token.load_secret(wrapped)
+    try:
+        assert hsm_token.hmac(fresh, hsm.Digest.SHA256, b"after fork") == expected
+    finally:
+        hsm_token.release_secret(fresh)
