@@ -1,8 +1,5 @@
 """The `keysvc` command line end to end: a real `keysvc serve` subprocess on port 0
 (real SoftHSM token, SQLite file) and real `keysvc --server ADDR ...` subprocesses.
-
-Also home of `start_keysvc_server`, the helper that runs `keysvc serve` for the
-subprocess tests (test_workers, test_rotation_load import it).
 """
 
 from __future__ import annotations
@@ -14,106 +11,19 @@ import json
 import os
 import queue
 import re
-import signal
 import subprocess
-import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import grpc
 import pytest
 
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+from tests.servers import KEYSVC, KeysvcServer, start_keysvc_server, stop_keysvc_server
 
-REPO = Path(__file__).resolve().parent.parent
-KEYSVC = str(REPO / ".venv" / "bin" / "keysvc")
-TOKEN_LABEL = "keysvc-test"
-READY_LINE = re.compile(r"keysvc serving on (\S+) with (\d+) worker\(s\)")
 # The SIPS simulation secret, as the bank hands it out: 20 bytes, shorter than SHA-256.
 SIPS_SECRET = b"002001000000002_KEY1"
 CLI_TIMEOUT = 30.0
 EXIT_OK, EXIT_INVALID_SEAL, EXIT_ERROR = 0, 1, 2
-
-
-# -- running `keysvc serve` --------------------------------------------------------------------
-
-
-@dataclass
-class KeysvcServer:
-    """A `keysvc serve` subprocess (in its own process group) and the address it announced."""
-
-    process: subprocess.Popen
-    address: str
-    workers: int
-    log_path: Path
-    stdout_lines: "queue.Queue[str | None]" = field(repr=False)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self, within: float) -> int | None:
-        """Sends SIGTERM to the server process; its exit code, or None if still running after `within` s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=within)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill_group(self) -> None:
-        """Last resort: SIGKILL to the server's own process group (itself and its workers)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=10)
-
-
-def _read_lines(stream, lines: "queue.Queue[str | None]") -> None:
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-
-
-def start_keysvc_server(token, database_url: str, log_path: Path, *, workers: int = 1,
-                        ready_within: float = 90.0) -> KeysvcServer:
-    """Starts `keysvc serve` on 127.0.0.1:0 and returns once it announces its address."""
-    log_file = open(log_path, "wb")
-    process = subprocess.Popen(
-        [KEYSVC, "serve", "--listen", "127.0.0.1:0", "--database", database_url,
-         "--token-label", TOKEN_LABEL, "--workers", str(workers)],
-        env=token.env, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
-        text=True, start_new_session=True,
-    )
-    log_file.close()
-    lines: "queue.Queue[str | None]" = queue.Queue()
-    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
-    deadline = time.monotonic() + ready_within
-    server = KeysvcServer(process, "", workers, log_path, lines)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            server.kill_group()
-            pytest.fail(f"keysvc serve did not announce itself within {ready_within} s:\n{server.log()}")
-        try:
-            line = lines.get(timeout=remaining)
-        except queue.Empty:
-            continue
-        if line is None:
-            process.wait(timeout=10)
-            pytest.fail(f"keysvc serve exited with {process.returncode} before serving:\n{server.log()}")
-        announced = READY_LINE.search(line)
-        if announced:
-            server.address = announced.group(1)
-            assert int(announced.group(2)) == workers
-            return server
-
-
-def stop_keysvc_server(server: KeysvcServer) -> None:
-    """Teardown: SIGTERM, and SIGKILL to the group if that is not enough."""
-    if server.terminate(within=20) is None:
-        server.kill_group()
 
 
 # -- running the CLI --------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from keysvc.v1 import keys_pb2
-from tests.test_cli import start_keysvc_server, stop_keysvc_server
-from tests.test_workers import Client, close_clients, create_key, open_clients_per_worker
+from tests.servers import (
+    Client, close_clients, create_key, open_clients_per_worker, start_keysvc_server, stop_keysvc_server,
+)
 
 CLIENT_THREADS = 6
 LOAD_SECONDS = 8.0
