@@ -323,7 +323,7 @@ class Hsm:
         self._require_token_keys()
         if self._import_private_key is None:
             raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
-        with self._locked() as session:
+        with self._locked():
             with _general_error_means_bad_wrapping():
                 secret = self._import_private_key.unwrap_key(
                     ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
@@ -398,9 +398,10 @@ class Hsm:
         self, handle: SecretKeyHandle, digest: Digest, messages: Iterable[bytes]
     ) -> list[bytes]:
         """The HMACs of many messages under one key, taking the lock once."""
+        mechanism = digest.hmac_mechanism
         with self._locked():
-            key = self._check_current(handle)
-            return [key.sign(message, mechanism=digest.hmac_mechanism) for message in messages]
+            sign = self._check_current(handle).sign
+            return [sign(message, mechanism=mechanism) for message in messages]
 
     def bind(self, data: bytes) -> bytes:
         """HMAC-SHA256 of `data` under the token's binding key (ties records to keys)."""

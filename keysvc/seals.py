@@ -122,9 +122,12 @@ class Sealer:
             raise FailedPrecondition(f"key {key_id!r} is a {key.purpose.value} key, not a sealing key")
         return key
 
+    def _oversized_message(self) -> InvalidArgument:
+        return InvalidArgument("message", f"is longer than {self.max_message_bytes} bytes")
+
     def _check_message(self, message: bytes) -> bytes:
         if len(message) > self.max_message_bytes:
-            raise InvalidArgument("message", f"is longer than {self.max_message_bytes} bytes")
+            raise self._oversized_message()
         return message
 
     def _check_batch(self, items: list) -> None:
@@ -153,6 +156,13 @@ class Sealer:
                 raise
             return fresh, choose(fresh)
 
+    def _resolve_sealing_version(self, key_id: str, version: int) -> tuple[Key, KeyVersion] | KeysvcError:
+        try:
+            key = self._sealing_key(key_id)
+            return self._with_fresh_key(key, lambda k: self._sealing_version(k, version))
+        except KeysvcError as error:
+            return error
+
     # -- sealing ----------------------------------------------------------------------
 
     def compute_seal(self, request: SealRequest, deadline: float | None = None) -> Seal:
@@ -167,15 +177,21 @@ class Sealer:
         outcomes: list[Seal | KeysvcError | None] = [None] * len(requests)
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         chosen: dict[tuple[str, int], tuple[Key, KeyVersion]] = {}
+        # Items of a batch mostly share a key: resolve each (key id, version) asked for once.
+        resolved: dict[tuple[str, int], tuple[Key, KeyVersion] | KeysvcError] = {}
         for index, request in enumerate(requests):
-            try:
-                self._check_message(request.message)
-                key = self._sealing_key(request.key_id)
-                key, version = self._with_fresh_key(key, lambda k: self._sealing_version(k, request.version))
-            except KeysvcError as error:
-                outcomes[index] = error
+            if len(request.message) > self.max_message_bytes:
+                outcomes[index] = self._oversized_message()
                 continue
-            chosen[(key.key_id, version.version)] = (key, version)
+            asked = (request.key_id, request.version)
+            choice = resolved.get(asked)
+            if choice is None:
+                choice = resolved[asked] = self._resolve_sealing_version(request.key_id, request.version)
+            if isinstance(choice, KeysvcError):
+                outcomes[index] = choice
+                continue
+            key, version = choice
+            chosen[(key.key_id, version.version)] = choice
             groups[(key.key_id, version.version)].append(index)
         for group, indexes in groups.items():
             key, version = chosen[group]

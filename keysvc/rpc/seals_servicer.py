@@ -30,23 +30,29 @@ def _verify_request(message: seals_pb2.VerifyRequest) -> VerifyRequest:
     )
 
 
-def _seal_response(seal: Seal) -> seals_pb2.SealResponse:
-    return seals_pb2.SealResponse(seal=seal.seal, key_id=seal.key_id, version=seal.version)
+def _fill_seal(target: seals_pb2.SealResponse, seal: Seal) -> seals_pb2.SealResponse:
+    target.seal = seal.seal
+    target.key_id = seal.key_id
+    target.version = seal.version
+    return target
 
 
-def _verify_response(verification: Verification) -> seals_pb2.VerifyResponse:
-    return seals_pb2.VerifyResponse(
-        valid=verification.valid, key_id=verification.key_id, version=verification.version
-    )
+def _fill_verification(target: seals_pb2.VerifyResponse, verification: Verification) -> seals_pb2.VerifyResponse:
+    target.valid = verification.valid
+    target.key_id = verification.key_id
+    target.version = verification.version
+    return target
 
 
-def _item_error(error: KeysvcError) -> seals_pb2.ItemError:
-    return seals_pb2.ItemError(code=status_code_of(error).value[0], reason=error.reason, message=error.message)
+def _fill_item_error(target: seals_pb2.ItemError, error: KeysvcError) -> None:
+    target.code = status_code_of(error).value[0]
+    target.reason = error.reason
+    target.message = error.message
 
 
-def _answer_batch(messages, parse, run, respond, result_type) -> list:
+def _answer_batch(messages, parse, run, fill, response):
     """Parses each item (one that does not parse fails alone), runs the parsed ones
-    in one domain call, and answers item by item in request order."""
+    in one domain call, and fills `response.results` item by item in request order."""
     answers: dict[int, object] = {}
     parsed = []
     for index, message in enumerate(messages):
@@ -56,12 +62,14 @@ def _answer_batch(messages, parse, run, respond, result_type) -> list:
             answers[index] = error
     outcomes = run([item for _, item in parsed])
     answers.update((index, outcome) for (index, _), outcome in zip(parsed, outcomes))
-    return [
-        result_type(error=_item_error(answer))
-        if isinstance(answer, KeysvcError)
-        else result_type(response=respond(answer))
-        for answer in (answers[i] for i in range(len(messages)))
-    ]
+    for index in range(len(messages)):
+        answer = answers[index]
+        result = response.results.add()  # built in place: no copy per item
+        if isinstance(answer, KeysvcError):
+            _fill_item_error(result.error, answer)
+        else:
+            fill(result.response, answer)
+    return response
 
 
 class SealServicer(seals_pb2_grpc.SealServiceServicer):
@@ -70,26 +78,26 @@ class SealServicer(seals_pb2_grpc.SealServiceServicer):
 
     @translated
     def Seal(self, request, context):
-        return _seal_response(self._sealer.compute_seal(_seal_request(request), deadline_of(context)))
+        seal = self._sealer.compute_seal(_seal_request(request), deadline_of(context))
+        return _fill_seal(seals_pb2.SealResponse(), seal)
 
     @translated
     def Verify(self, request, context):
-        return _verify_response(self._sealer.verify_seal(_verify_request(request), deadline_of(context)))
+        verification = self._sealer.verify_seal(_verify_request(request), deadline_of(context))
+        return _fill_verification(seals_pb2.VerifyResponse(), verification)
 
     @translated
     def BatchSeal(self, request, context):
         deadline = deadline_of(context)
-        results = _answer_batch(
+        return _answer_batch(
             request.requests, _seal_request, lambda items: self._sealer.compute_seals(items, deadline),
-            _seal_response, seals_pb2.BatchSealResult,
+            _fill_seal, seals_pb2.BatchSealResponse(),
         )
-        return seals_pb2.BatchSealResponse(results=results)
 
     @translated
     def BatchVerify(self, request, context):
         deadline = deadline_of(context)
-        results = _answer_batch(
+        return _answer_batch(
             request.requests, _verify_request, lambda items: self._sealer.verify_seals(items, deadline),
-            _verify_response, seals_pb2.BatchVerifyResult,
+            _fill_verification, seals_pb2.BatchVerifyResponse(),
         )
-        return seals_pb2.BatchVerifyResponse(results=results)

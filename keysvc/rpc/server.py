@@ -25,8 +25,9 @@ SERVICE_NAMES = (
 class ServerOptions:
     # Whole request messages above this are refused by gRPC with RESOURCE_EXHAUSTED.
     max_message_bytes: int = 4 * 1024 * 1024
-    # The HSM is serialised per process: more threads only queue on its lock.
-    max_threads: int = 8
+    # The HSM is serialised per process and python-pkcs11 drops the GIL twice per
+    # call: past a few threads, more only add switching (measured with make bench).
+    max_threads: int = 4
     reflection: bool = True
     # Lets several worker processes listen on one port.
     reuse_port: bool = True
