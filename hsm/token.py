@@ -27,6 +27,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 from pkcs11.util.rsa import encode_rsa_public_key
 
+from hsm.direct import CKR_KEY_SIZE_RANGE, DirectSigner, DirectSignError
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
@@ -90,6 +91,13 @@ def _general_error_means_bad_wrapping() -> Iterator[None]:
         yield
     except p11.GeneralError:
         raise HsmUnwrapFailed("the wrapped key could not be unwrapped") from None
+
+
+def _direct_error(error: DirectSignError) -> HsmError:
+    """The HsmError python-pkcs11's exception for the same return code would become."""
+    if error.return_value == CKR_KEY_SIZE_RANGE:
+        return HsmKeyRejected("the key's size is out of range for this mechanism")
+    return HsmUnavailable(f"HSM call failed: CKR 0x{error.return_value:x}")
 
 
 class Digest(enum.Enum):
@@ -160,6 +168,7 @@ class Hsm:
         self._binding_key = None
         self._import_private_key = None
         self._import_public_der = b""
+        self._direct: DirectSigner | None = None
 
     @classmethod
     def connect(cls, config: HsmConfig) -> "Hsm":
@@ -205,6 +214,32 @@ class Hsm:
         self._import_private_key = self._find_key(ObjectClass.PRIVATE_KEY, IMPORT_KEY_LABEL)
         public = self._find_key(ObjectClass.PUBLIC_KEY, IMPORT_KEY_LABEL)
         self._import_public_der = encode_rsa_public_key(public) if public is not None else b""
+        self._direct = self._checked_direct_signer()
+
+    @property
+    def signs_directly(self) -> bool:
+        """Whether HMACs take the GIL-holding path of hsm.direct (else python-pkcs11's)."""
+        return self._direct is not None
+
+    def _checked_direct_signer(self) -> DirectSigner | None:
+        """The GIL-holding HMAC path, if it gives python-pkcs11's tags on this module."""
+        try:
+            direct = DirectSigner(self._config.module_path)
+            probe_key = self._session.generate_key(
+                KeyType.GENERIC_SECRET, 256, store=False,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True},
+            )
+        except (OSError, AttributeError, p11.PKCS11Error):
+            return None
+        try:
+            probe = b"keysvc direct signing self-test"
+            expected = probe_key.sign(probe, mechanism=Mechanism.SHA256_HMAC)
+            same = direct.sign_many(self._session.handle, probe_key.handle, int(Mechanism.SHA256_HMAC), [probe])
+            return direct if same == [expected] else None
+        except DirectSignError:
+            return None
+        finally:
+            probe_key.destroy()
 
     def _find_key(self, object_class: ObjectClass, label: str):
         try:
@@ -391,8 +426,7 @@ class Hsm:
 
         Raises HsmKeyRejected when the key is shorter than the digest.
         """
-        with self._locked():
-            return self._check_current(handle).sign(message, mechanism=digest.hmac_mechanism)
+        return self.hmac_many(handle, digest, [message])[0]
 
     def hmac_many(
         self, handle: SecretKeyHandle, digest: Digest, messages: Iterable[bytes]
@@ -400,8 +434,13 @@ class Hsm:
         """The HMACs of many messages under one key, taking the lock once."""
         mechanism = digest.hmac_mechanism
         with self._locked():
-            sign = self._check_current(handle).sign
-            return [sign(message, mechanism=mechanism) for message in messages]
+            key = self._check_current(handle)
+            if self._direct is not None:
+                try:
+                    return self._direct.sign_many(self._session.handle, key.handle, int(mechanism), messages)
+                except DirectSignError as error:
+                    raise _direct_error(error) from None
+            return [key.sign(message, mechanism=mechanism) for message in messages]
 
     def bind(self, data: bytes) -> bytes:
         """HMAC-SHA256 of `data` under the token's binding key (ties records to keys)."""

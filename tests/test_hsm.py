@@ -396,3 +396,23 @@ def test_forked_child_reinitialises_the_module_and_parent_keeps_working(hsm_toke
         assert hsm_token.hmac(fresh, hsm.Digest.SHA256, b"after fork") == expected
     finally:
         hsm_token.release_secret(fresh)
+
+
+# -- the direct HMAC path ---------------------------------------------------------------------
+
+
+def test_softhsm_passes_the_direct_signing_self_test_so_hmacs_keep_the_gil(hsm_token):
+    assert hsm_token.signs_directly
+
+
+@pytest.mark.parametrize("digest", list(hsm.Digest), ids=lambda d: d.name)
+def test_direct_hmac_equals_python_pkcs11_sign_on_the_same_key(hsm_token, digest):
+    secret = os.urandom(digest.digest_size)
+    handle = hsm_token.load_secret(hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), digest))
+    try:
+        messages = [b"", b"x", os.urandom(1000)]
+        direct = hsm_token.hmac_many(handle, digest, messages)
+        through_python_pkcs11 = [handle._key.sign(m, mechanism=digest.hmac_mechanism) for m in messages]
+        assert direct == through_python_pkcs11 == [python_hmac(secret, digest, m) for m in messages]
+    finally:
+        hsm_token.release_secret(handle)

@@ -26,7 +26,8 @@ class ServerOptions:
     # Whole request messages above this are refused by gRPC with RESOURCE_EXHAUSTED.
     max_message_bytes: int = 4 * 1024 * 1024
     # The HSM is serialised per process and python-pkcs11 drops the GIL twice per
-    # call: past a few threads, more only add switching (measured with make bench).
+    # call (keysvc's own HMAC path keeps it): past a few threads, more threads only
+    # add switching (measured with make bench).
     max_threads: int = 4
     reflection: bool = True
     # Lets several worker processes listen on one port.
