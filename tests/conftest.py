@@ -30,7 +30,7 @@ TOKEN_LABEL = "keysvc-test"
 
 
 @dataclass(frozen=True)
-class TestToken:
+class SoftHsmToken:
     directory: Path
     config_path: Path
     pin_path: Path
@@ -51,14 +51,14 @@ class TestToken:
 
 
 @pytest.fixture(scope="session")
-def token(tmp_path_factory) -> TestToken:
+def token(tmp_path_factory) -> SoftHsmToken:
     """A fresh SoftHSM2 token with keysvc's token keys, for the whole session."""
     directory = tmp_path_factory.mktemp("softhsm")
     subprocess.run(
         [str(REPO / "hsm" / "softhsm" / "setup-token.sh"), str(directory), TOKEN_LABEL],
         check=True, capture_output=True,
     )
-    test_token = TestToken(directory, directory / "softhsm2.conf", directory / "pin")
+    test_token = SoftHsmToken(directory, directory / "softhsm2.conf", directory / "pin")
     # Must be set before the PKCS#11 module is first loaded in this process.
     os.environ["SOFTHSM2_CONF"] = str(test_token.config_path)
     hsm.Hsm.connect(test_token.hsm_config).ensure_token_keys()

@@ -1,10 +1,13 @@
 """Failures of the parts keysvc stands on reach the caller as clear statuses.
 
 The database is a real PostgreSQL database that is dropped under the running
-server; a moved key record is made with raw SQL on the real store.
+server; the HSM is a real SoftHSM token whose folder is taken away under a running
+`keysvc serve`; a moved key record is made with raw SQL on the real store.
 """
 
 from __future__ import annotations
+
+import subprocess
 
 import grpc
 import psycopg
@@ -15,7 +18,8 @@ from keysvc.model import KeyAlgorithm, KeyPurpose
 from keysvc.rpc.server import ServerOptions, create_server
 from keysvc.store.schema import key_versions
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
-from tests.conftest import make_domain
+from tests.conftest import REPO, TOKEN_LABEL, SoftHsmToken, make_domain
+from tests.servers import start_keysvc_server, stop_keysvc_server
 
 
 @pytest.fixture
@@ -85,3 +89,34 @@ def test_key_record_moved_to_another_version_is_refused_with_data_loss(hsm_token
         grpc_server.stop(None)
         writer.store.close()
         reader.store.close()
+
+
+def test_hsm_token_gone_gives_unavailable_without_a_stack_trace(tmp_path, merchant):
+    # A server with a token of its own, so that taking the token away touches no other test.
+    subprocess.run([str(REPO / "hsm" / "softhsm" / "setup-token.sh"), str(tmp_path / "hsm"), TOKEN_LABEL],
+                   check=True, capture_output=True)
+    own_token = SoftHsmToken(tmp_path / "hsm", tmp_path / "hsm" / "softhsm2.conf", tmp_path / "hsm" / "pin")
+    server = start_keysvc_server(own_token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            keys = keys_pb2_grpc.KeyServiceStub(channel)
+            create = keys_pb2.CreateKeyRequest(
+                merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256)
+            keys.CreateKey(create, timeout=10)
+            (tmp_path / "hsm" / "tokens").rename(tmp_path / "hsm" / "tokens-gone")
+
+            for call in (
+                lambda: keys.CreateKey(keys_pb2.CreateKeyRequest(
+                    merchant_id=merchant, name="other", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=10),
+                lambda: keys.RotateKey(keys_pb2.RotateKeyRequest(key_id=f"{merchant}/k"), timeout=10),
+            ):
+                with pytest.raises(grpc.RpcError) as raised:
+                    call()
+                assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert raised.value.details().startswith("the HSM is unavailable")
+                assert "Traceback" not in raised.value.details()
+            # Nothing half written: the failed rotation added no version.
+            key = keys.GetKey(keys_pb2.GetKeyRequest(key_id=f"{merchant}/k"), timeout=10).key
+            assert [v.version for v in key.versions] == [1]
+    finally:
+        stop_keysvc_server(server)

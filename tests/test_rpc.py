@@ -20,7 +20,9 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from keysvc.v1 import keys_pb2, seals_pb2
+from keysvc.model import KeyAlgorithm, KeyPurpose
+from keysvc.rpc.server import ServerOptions, create_server
+from keysvc.v1 import keys_pb2, seals_pb2, seals_pb2_grpc
 
 # Deadline of every call here: a hung server fails the test instead of the session.
 TIMEOUT = 10.0
@@ -669,6 +671,26 @@ def test_reflection_describes_the_key_service_file(server):
              for raw in responses[0].file_descriptor_response.file_descriptor_proto]
     key_file = next(f for f in files if f.package == "keysvc.v1" and f.service)
     assert "ImportKey" in {method.name for method in key_file.service[0].method}
+
+
+def test_reflection_turned_off_is_unimplemented_while_seals_still_work(domain, merchant):
+    grpc_server, port, _ = create_server(
+        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reflection=False, reuse_port=False)
+    )
+    grpc_server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=TIMEOUT))
+            assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            key = domain.keys.create_key(merchant, "k", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+            sealed = seals_pb2_grpc.SealServiceStub(channel).Seal(
+                seals_pb2.SealRequest(key_id=key.key_id, message=b"m"), timeout=TIMEOUT)
+            assert sealed.version == 1
+    finally:
+        grpc_server.stop(None)
 
 
 # -- secrets and atomicity -------------------------------------------------------------------------
