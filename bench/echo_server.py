@@ -18,14 +18,13 @@ import argparse
 import signal
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import grpc  # noqa: E402
 
-from keysvc.rpc.server import ServerOptions  # noqa: E402
+from keysvc.rpc.server import ServerOptions, listen, new_grpc_server  # noqa: E402
 from keysvc.v1 import seals_pb2, seals_pb2_grpc  # noqa: E402
 
 # A seal of the size keysvc answers for HMAC-SHA256 in hex.
@@ -52,20 +51,10 @@ class EchoSealServicer(seals_pb2_grpc.SealServiceServicer):
 
 
 def create_echo_server(address: str, options: ServerOptions) -> tuple[grpc.Server, int]:
-    """Mirrors keysvc.rpc.server.create_server's grpc.server construction."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_threads, thread_name_prefix="keysvc-rpc"),
-        options=[
-            ("grpc.max_receive_message_length", options.max_message_bytes),
-            ("grpc.max_send_message_length", options.max_message_bytes),
-            ("grpc.so_reuseport", 1 if options.reuse_port else 0),
-        ],
-    )
+    """The same kind of server as keysvc's (keysvc.rpc.server.new_grpc_server), echoing."""
+    server = new_grpc_server(options)
     seals_pb2_grpc.add_SealServiceServicer_to_server(EchoSealServicer(), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    return server, port
+    return server, listen(server, address)
 
 
 def main() -> None:

@@ -34,12 +34,10 @@ class ServerOptions:
     reuse_port: bool = True
 
 
-def create_server(
-    address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions()
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A server bound to `address` ('host:0' picks a port), not yet started.
-    Returns the server, the bound port and its health servicer."""
-    server = grpc.server(
+def new_grpc_server(options: ServerOptions) -> grpc.Server:
+    """An empty gRPC server with keysvc's thread pool and limits (the benchmark's echo
+    server is built with it too, so that both are the same kind of server)."""
+    return grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_threads, thread_name_prefix="keysvc-rpc"),
         options=[
             ("grpc.max_receive_message_length", options.max_message_bytes),
@@ -47,6 +45,22 @@ def create_server(
             ("grpc.so_reuseport", 1 if options.reuse_port else 0),
         ],
     )
+
+
+def listen(server: grpc.Server, address: str) -> int:
+    """Binds `address` ('host:0' picks a port) and returns the port. Raises OSError."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+def create_server(
+    address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions()
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server bound to `address` ('host:0' picks a port), not yet started.
+    Returns the server, the bound port and its health servicer."""
+    server = new_grpc_server(options)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
     health_servicer = health.HealthServicer()
@@ -57,7 +71,4 @@ def create_server(
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    return server, port, health_servicer
+    return server, listen(server, address), health_servicer
