@@ -14,7 +14,6 @@ import enum
 import hmac
 import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from keysvc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, KeysvcError, NotFound
@@ -175,8 +174,8 @@ class Sealer:
         """One Seal or one KeysvcError per request, in order."""
         self._check_batch(requests)
         outcomes: list[Seal | KeysvcError | None] = [None] * len(requests)
-        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
-        chosen: dict[tuple[str, int], tuple[Key, KeyVersion]] = {}
+        # Items sealed by the same key version go to the HSM together.
+        groups: dict[tuple[str, int], tuple[Key, KeyVersion, list[int]]] = {}
         # Items of a batch mostly share a key: resolve each (key id, version) asked for once.
         resolved: dict[tuple[str, int], tuple[Key, KeyVersion] | KeysvcError] = {}
         for index, request in enumerate(requests):
@@ -191,10 +190,8 @@ class Sealer:
                 outcomes[index] = choice
                 continue
             key, version = choice
-            chosen[(key.key_id, version.version)] = choice
-            groups[(key.key_id, version.version)].append(index)
-        for group, indexes in groups.items():
-            key, version = chosen[group]
+            groups.setdefault((key.key_id, version.version), (key, version, []))[2].append(index)
+        for key, version, indexes in groups.values():
             _check_deadline(deadline)  # fails the whole call: the caller has given up on it
             try:
                 tags = self._ring.hmac_many(key, version, (requests[i].message for i in indexes))
