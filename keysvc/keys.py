@@ -239,6 +239,11 @@ class KeyManager:
             except AlreadyExists:
                 pass  # created meanwhile: add a version to it below
 
+        return self._add_version(key_id, material, version, make_primary)
+
+    def _add_version(self, key_id: str, material: NewMaterial, version: int, make_primary: bool
+                     ) -> tuple[Key, KeyVersion]:
+        """Stores `material` as version `version` (0: the next number) of an existing key."""
         added: list[int] = []
 
         def add_version(current: Key) -> Key:
@@ -249,9 +254,7 @@ class KeyManager:
                 raise FailedPrecondition(f"key {key_id!r} has no version number left")
             added[:] = [number]
             changed = current.with_version(self._new_version(current, number, material))
-            if make_primary:
-                changed = replace(changed, primary_version=number)
-            return changed
+            return replace(changed, primary_version=number) if make_primary else changed
 
         stored = self._stored(self._store.update_key(key_id, add_version))
         return stored, _find_version(stored, added[0])
@@ -259,19 +262,8 @@ class KeyManager:
     def rotate_key(self, key_id: str) -> tuple[Key, KeyVersion]:
         """Adds a version generated in the HSM and makes it primary; older versions keep
         their state (retire them with set_version_state)."""
-        parse_key_id(key_id)
         current = self.get_key(key_id)
-        material = self._generate_material(current.algorithm)
-
-        def add_primary(key: Key) -> Key:
-            number = max((v.version for v in key.versions), default=0) + 1
-            if number > MAX_VERSION:
-                raise FailedPrecondition(f"key {key_id!r} has no version number left")
-            changed = key.with_version(self._new_version(key, number, material))
-            return replace(changed, primary_version=number)
-
-        stored = self._stored(self._store.update_key(key_id, add_primary))
-        return stored, _find_version(stored, stored.primary_version)
+        return self._add_version(key_id, self._generate_material(current.algorithm), 0, make_primary=True)
 
     def get_key(self, key_id: str) -> Key:
         """Raises InvalidArgument for a malformed id, NotFound for an unknown one."""
