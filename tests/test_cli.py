@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import os
 import queue
@@ -18,6 +16,7 @@ import grpc
 import pytest
 
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+from tests.crypto_helpers import check_value, hmac_sha256
 from tests.servers import KEYSVC, KeysvcServer, start_keysvc_server, stop_keysvc_server
 
 # The SIPS simulation secret, as the bank hands it out: 20 bytes, shorter than SHA-256.
@@ -43,6 +42,13 @@ class Api:
 
     def rotate(self, key_id: str) -> int:
         return self.keys.RotateKey(keys_pb2.RotateKeyRequest(key_id=key_id), timeout=10).version
+
+    def create_sealed_and_rotated(self, key_id: str) -> str:
+        """Creates the key, seals b"m" with version 1, rotates to version 2; version 1's seal."""
+        self.create(key_id)
+        old_seal = self.seal(key_id, b"m").seal
+        self.rotate(key_id)
+        return old_seal
 
     def get(self, key_id: str) -> keys_pb2.Key:
         return self.keys.GetKey(keys_pb2.GetKeyRequest(key_id=key_id), timeout=10).key
@@ -85,10 +91,6 @@ def ok(result: subprocess.CompletedProcess) -> str:
 
 def as_json(result: subprocess.CompletedProcess) -> dict:
     return json.loads(ok(result))
-
-
-def check_value_of(secret: bytes) -> str:
-    return hmac.new(secret, bytes(16), hashlib.sha256).digest()[:3].hex().upper()
 
 
 def version_states(key_json: dict) -> dict[int, str]:
@@ -163,9 +165,7 @@ def test_keys_rotate_prints_the_new_primary_and_seals_then_use_it(cli_server, ap
 
 def test_keys_set_state_verify_only_and_disabled_change_what_the_version_may_do(cli_server, api, merchant):
     key_id = f"{merchant}/state"
-    api.create(key_id)
-    old_seal = api.seal(key_id, b"m").seal
-    api.rotate(key_id)
+    old_seal = api.create_sealed_and_rotated(key_id)
 
     shown = ok(keysvc(cli_server, "keys", "set-state", key_id, "1", "verify-only"))
 
@@ -194,9 +194,7 @@ def test_keys_set_primary_makes_seals_use_that_version(cli_server, api, merchant
 
 def test_keys_destroy_yes_destroys_and_again_exits_2_failed_precondition(cli_server, api, merchant):
     key_id = f"{merchant}/destroy"
-    api.create(key_id)
-    old_seal = api.seal(key_id, b"m").seal
-    api.rotate(key_id)
+    old_seal = api.create_sealed_and_rotated(key_id)
 
     destroyed = as_json(keysvc(cli_server, "--json", "keys", "destroy", key_id, "1", "--yes"))
 
@@ -232,12 +230,12 @@ def test_keys_import_of_the_sips_text_secret_prints_its_check_value_and_seals_li
     imported = ok(keysvc(cli_server, "keys", "import", key_id, "--secret-file", str(secret_file),
                          "--secret-format", "text"))
 
-    expected = check_value_of(SIPS_SECRET)
+    expected = check_value(SIPS_SECRET)
     assert imported.startswith(f"imported version 1, check value {expected}\n")
     assert re.search(rf"^\s+1\s+ENABLED\s+IMPORTED\s+{expected}\s", imported, re.M)
     message = "amount=55|currencyCode=978|merchantId=002001000000002|transactionReference=cli42"
     sealed = ok(keysvc(cli_server, "seal", "compute", key_id, "--message", message)).strip()
-    assert sealed == hmac.new(SIPS_SECRET, message.encode(), hashlib.sha256).hexdigest()
+    assert sealed == hmac_sha256(SIPS_SECRET, message.encode()).hex()
     assert ok(keysvc(cli_server, "seal", "verify", key_id, sealed, "--message", message)).strip() == "valid (version 1)"
 
 
@@ -251,10 +249,10 @@ def test_keys_import_hex_secret_from_stdin_as_a_numbered_primary_version(cli_ser
                               stdin=secret.hex() + "\n"))
 
     assert imported["version"] == 5
-    assert imported["check_value"] == check_value_of(secret)
+    assert imported["check_value"] == check_value(secret)
     assert imported["key"]["primary_version"] == 5
     sealed = api.seal(key_id, b"x")
-    assert (sealed.version, sealed.seal) == (5, hmac.new(secret, b"x", hashlib.sha256).hexdigest())
+    assert (sealed.version, sealed.seal) == (5, hmac_sha256(secret, b"x").hex())
 
 
 def test_keys_import_of_a_version_number_already_taken_exits_2_already_exists(cli_server, api, merchant, tmp_path):

@@ -10,25 +10,17 @@ process-wide lock around every PKCS#11 call, and re-initialisation after fork.
 from __future__ import annotations
 
 import copy
-import hmac
 import os
 import pickle
 import threading
 import time
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 import hsm
-
-HASHLIB_NAMES = {
-    hsm.Digest.SHA1: "sha1",
-    hsm.Digest.SHA256: "sha256",
-    hsm.Digest.SHA384: "sha384",
-    hsm.Digest.SHA512: "sha512",
-}
-OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+from tests.crypto_helpers import OAEP_SHA1, foreign_public_key, python_hmac
 
 
 def import_public_key(token: hsm.Hsm) -> rsa.RSAPublicKey:
@@ -38,10 +30,6 @@ def import_public_key(token: hsm.Hsm) -> rsa.RSAPublicKey:
 def oaep_wrap(token: hsm.Hsm, secret: bytes) -> bytes:
     """`secret` wrapped as a bank would send it: RSA-OAEP (SHA-1, MGF1-SHA-1) under the import key."""
     return import_public_key(token).encrypt(secret, OAEP_SHA1)
-
-
-def python_hmac(secret: bytes, digest: hsm.Digest, message: bytes) -> bytes:
-    return hmac.new(secret, message, HASHLIB_NAMES[digest]).digest()
 
 
 @pytest.fixture
@@ -241,8 +229,7 @@ def test_load_secret_of_garbage_raises_unwrap_failed(hsm_token, make_garbage):
 
 
 def _wrapped_under_another_rsa_key(token: hsm.Hsm) -> bytes:
-    other = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
-    return other.encrypt(b"s" * 32, OAEP_SHA1)
+    return foreign_public_key().encrypt(b"s" * 32, OAEP_SHA1)
 
 
 @pytest.mark.parametrize(

@@ -47,21 +47,12 @@ from dataclasses import dataclass
 
 import cryptography_vectors
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
 
 from tests.conftest import SHARED_VECTORS, make_domain
+from tests.crypto_helpers import OAEP_SHA1, hashlib_name, pem_public_key
 from keysvc.errors import InvalidArgument
 from keysvc.model import KeyAlgorithm, KeyPurpose
 from keysvc.seals import SealRequest, VerifyRequest
-
-OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
-HASHLIB_NAMES = {
-    KeyAlgorithm.HMAC_SHA1: "sha1",
-    KeyAlgorithm.HMAC_SHA256: "sha256",
-    KeyAlgorithm.HMAC_SHA384: "sha384",
-    KeyAlgorithm.HMAC_SHA512: "sha512",
-}
 
 
 @dataclass(frozen=True)
@@ -166,7 +157,7 @@ def hmac_equivalent_key(key: bytes, algorithm: KeyAlgorithm) -> bytes:
     """A key of a length SoftHSM stores exactly that gives the same HMAC tags as `key`."""
     block_size = algorithm.digest.block_size
     if len(key) > block_size:
-        return importable_secret(hashlib.new(HASHLIB_NAMES[algorithm], key).digest(), algorithm)
+        return importable_secret(hashlib.new(hashlib_name(algorithm), key).digest(), algorithm)
     return key + bytes(block_size - len(key))
 
 
@@ -179,7 +170,7 @@ class VectorKeys:
         parameters = domain.keys.import_parameters()
         assert parameters.wrapping_algorithm == "RSA_OAEP_SHA1"
         self._import_key_id = parameters.import_key_id
-        self._public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
+        self._public_key = pem_public_key(parameters)
         self._key_ids: dict[tuple[KeyAlgorithm, bytes], str] = {}
 
     def key_id(self, algorithm: KeyAlgorithm, key: bytes) -> str:
@@ -224,7 +215,7 @@ def test_zero_padding_to_the_digest_length_keeps_hmac_tags():
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
 def test_hmac_equivalent_key_keeps_hmac_tags(algorithm, length):
     # The premise of the fallback for refused keys, checked in software.
-    key, message, name = bytes(range(length)), b"Test Using Larger Than Block-Size Key", HASHLIB_NAMES[algorithm]
+    key, message, name = bytes(range(length)), b"Test Using Larger Than Block-Size Key", hashlib_name(algorithm)
 
     equivalent = hmac_equivalent_key(key, algorithm)
 

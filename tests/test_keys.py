@@ -9,14 +9,11 @@ Python's `hmac` module on the same secrets.
 from __future__ import annotations
 
 import base64
-import hmac
 import os
 import re
 
 import pytest
 import sqlalchemy as sa
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keysvc.errors import (
     AlreadyExists,
@@ -29,34 +26,20 @@ from keysvc.errors import (
 from keysvc.model import KeyAlgorithm, KeyOrigin, KeyPurpose, KeyVersionState
 from keysvc.seals import SealRequest, VerifyRequest
 from tests.conftest import make_domain
+from tests.crypto_helpers import (
+    OAEP_SHA1,
+    check_value,
+    foreign_public_key,
+    import_secret,
+    pem_public_key,
+    python_hmac,
+    wrap_for_import,
+)
 
-OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
-HASHLIB_NAMES = {
-    KeyAlgorithm.HMAC_SHA1: "sha1",
-    KeyAlgorithm.HMAC_SHA256: "sha256",
-    KeyAlgorithm.HMAC_SHA384: "sha384",
-    KeyAlgorithm.HMAC_SHA512: "sha512",
-}
 SETTABLE = [KeyVersionState.ENABLED, KeyVersionState.VERIFY_ONLY, KeyVersionState.DISABLED]
 CHECK_VALUE = re.compile(r"[0-9A-F]{6}")
 SHA256 = KeyAlgorithm.HMAC_SHA256
 SEAL = KeyPurpose.SEAL
-
-
-def wrap_for_import(domain, secret: bytes) -> bytes:
-    parameters = domain.keys.import_parameters()
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
-    return public_key.encrypt(secret, OAEP_SHA1)
-
-
-def import_secret(domain, merchant, name, secret, algorithm=SHA256, **options):
-    import_key_id = domain.keys.import_parameters().import_key_id
-    return domain.keys.import_key(merchant, name, SEAL, algorithm, wrap_for_import(domain, secret),
-                                  import_key_id, **options)
-
-
-def python_tag(secret: bytes, algorithm: KeyAlgorithm, message: bytes) -> bytes:
-    return hmac.new(secret, message, HASHLIB_NAMES[algorithm]).digest()
 
 
 def seal(domain, key_id: str, message: bytes = b"message", version: int = 0) -> str:
@@ -186,7 +169,7 @@ def test_imported_key_check_value_is_first_3_bytes_of_hmac_over_16_zero_bytes(do
 
     _key, version = import_secret(domain, merchant, "kcv", secret, algorithm)
 
-    expected = python_tag(secret, algorithm, bytes(16))[:3].hex().upper()
+    expected = check_value(secret, algorithm)
     assert CHECK_VALUE.fullmatch(version.check_value)
     assert version.check_value == expected
 
@@ -310,32 +293,23 @@ def test_set_primary_version_refuses_a_version_that_is_not_enabled(domain, rotat
     assert domain.keys.get_key(rotated_key).primary_version == 2
 
 
-@pytest.mark.parametrize(
-    "operation",
-    [
-        lambda keys, key_id: keys.set_version_state(key_id, 9, KeyVersionState.DISABLED),
-        lambda keys, key_id: keys.set_primary_version(key_id, 9),
-        lambda keys, key_id: keys.destroy_version(key_id, 9),
-    ],
-    ids=["set_version_state", "set_primary_version", "destroy_version"],
-)
+VERSION_OPERATIONS = {
+    "set_version_state": lambda keys, key_id, version: keys.set_version_state(key_id, version, KeyVersionState.DISABLED),
+    "set_primary_version": lambda keys, key_id, version: keys.set_primary_version(key_id, version),
+    "destroy_version": lambda keys, key_id, version: keys.destroy_version(key_id, version),
+}
+
+
+@pytest.mark.parametrize("operation", list(VERSION_OPERATIONS.values()), ids=list(VERSION_OPERATIONS))
 def test_version_operations_on_an_unknown_version_raise_not_found(domain, rotated_key, operation):
     with pytest.raises(NotFound):
-        operation(domain.keys, rotated_key)
+        operation(domain.keys, rotated_key, 9)
 
 
-@pytest.mark.parametrize(
-    "operation",
-    [
-        lambda keys, key_id: keys.set_version_state(key_id, 1, KeyVersionState.DISABLED),
-        lambda keys, key_id: keys.set_primary_version(key_id, 1),
-        lambda keys, key_id: keys.destroy_version(key_id, 1),
-    ],
-    ids=["set_version_state", "set_primary_version", "destroy_version"],
-)
+@pytest.mark.parametrize("operation", list(VERSION_OPERATIONS.values()), ids=list(VERSION_OPERATIONS))
 def test_version_operations_on_an_unknown_key_raise_not_found(domain, merchant, operation):
     with pytest.raises(NotFound):
-        operation(domain.keys, f"{merchant}/unknown")
+        operation(domain.keys, f"{merchant}/unknown", 1)
 
 
 # -- what each state allows when sealing and verifying ---------------------------------------------
@@ -482,7 +456,7 @@ def test_list_keys_with_malformed_merchant_raises_invalid_argument_merchant_id(d
 def test_import_parameters_name_rsa_oaep_sha1_and_a_3072_bit_public_key(domain):
     parameters = domain.keys.import_parameters()
 
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
+    public_key = pem_public_key(parameters)
     assert parameters.wrapping_algorithm == "RSA_OAEP_SHA1"
     assert parameters.import_key_id
     assert public_key.key_size == 3072
@@ -498,7 +472,7 @@ def test_import_into_a_new_key_creates_an_imported_primary_version_1_that_seals_
 
     assert (key.key_id, key.algorithm, key.primary_version) == (f"{merchant}/bank", algorithm, 1)
     assert (version.version, version.state, version.origin) == (1, KeyVersionState.ENABLED, KeyOrigin.IMPORTED)
-    assert seal(domain, key.key_id, b"payment") == python_tag(secret, algorithm, b"payment").hex()
+    assert seal(domain, key.key_id, b"payment") == python_hmac(secret, algorithm, b"payment").hex()
 
 
 def test_import_with_an_explicit_version_uses_that_number(domain, merchant):
@@ -519,7 +493,7 @@ def test_import_into_an_existing_key_adds_the_next_version_without_making_it_pri
     assert version.origin is KeyOrigin.IMPORTED
     assert key.primary_version == 2
     assert key.revision == 3
-    assert seal(domain, rotated_key, b"m", version=3) == python_tag(secret, SHA256, b"m").hex()
+    assert seal(domain, rotated_key, b"m", version=3) == python_hmac(secret, SHA256, b"m").hex()
 
 
 def test_import_with_make_primary_makes_the_new_version_primary(domain, rotated_key):
@@ -540,7 +514,7 @@ def test_import_into_an_existing_key_without_algorithm_uses_the_keys_algorithm(d
                                           domain.keys.import_parameters().import_key_id)
 
     assert key.algorithm is KeyAlgorithm.HMAC_SHA384
-    assert seal(domain, key.key_id, b"m", version=version.version) == python_tag(
+    assert seal(domain, key.key_id, b"m", version=version.version) == python_hmac(
         secret, KeyAlgorithm.HMAC_SHA384, b"m").hex()
 
 
@@ -585,8 +559,7 @@ def test_import_with_a_version_out_of_range_raises_invalid_argument_version(doma
 
 
 def _other_rsa_key_wrap(domain) -> bytes:
-    other = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
-    return other.encrypt(os.urandom(32), OAEP_SHA1)
+    return foreign_public_key().encrypt(os.urandom(32), OAEP_SHA1)
 
 
 def _tampered_wrap(domain) -> bytes:
@@ -639,9 +612,9 @@ def test_import_of_a_secret_longer_than_the_block_size_seals_like_hmac_or_is_ref
             domain.keys.get_key(f"{merchant}/long")
         return
 
-    expected = python_tag(secret, algorithm, bytes(16))[:3].hex().upper()
+    expected = check_value(secret, algorithm)
     assert version.check_value == expected
-    assert seal(domain, key.key_id, b"m") == python_tag(secret, algorithm, b"m").hex()
+    assert seal(domain, key.key_id, b"m") == python_hmac(secret, algorithm, b"m").hex()
 
 
 FAILING_IMPORTS = {

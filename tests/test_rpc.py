@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import logging
 import os
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
@@ -23,6 +22,7 @@ from grpc_status import rpc_status
 from keysvc.model import KeyAlgorithm, KeyPurpose
 from keysvc.rpc.server import ServerOptions, create_server
 from keysvc.v1 import keys_pb2, seals_pb2, seals_pb2_grpc
+from tests.crypto_helpers import OAEP_SHA1, check_value, foreign_public_key, hmac_sha256, pem_public_key
 
 # Deadline of every call here: a hung server fails the test instead of the session.
 TIMEOUT = 10.0
@@ -35,7 +35,8 @@ HEX = seals_pb2.SEAL_ENCODING_HEX
 BASE64 = seals_pb2.SEAL_ENCODING_BASE64
 # The SIPS simulation secret, as the bank hands it out: 20 bytes, shorter than SHA-256.
 SIPS_SECRET = b"002001000000002_KEY1"
-OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+# Not the padding ImportKey takes: a secret wrapped with it must be refused.
+OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -73,8 +74,7 @@ def wrap_secret(server, secret: bytes, digest_size: int = 32) -> tuple[bytes, st
     """The secret zero-padded to the digest size and wrapped with RSA-OAEP-SHA1 under
     the server's import key, as a bank-side tool would; and the import key id."""
     parameters = import_parameters(server)
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
-    return public_key.encrypt(secret.ljust(digest_size, b"\0"), OAEP_SHA1), parameters.import_key_id
+    return pem_public_key(parameters).encrypt(secret.ljust(digest_size, b"\0"), OAEP_SHA1), parameters.import_key_id
 
 
 def import_request(server, merchant: str, secret: bytes, name: str = "sips", **fields) -> keys_pb2.ImportKeyRequest:
@@ -84,10 +84,6 @@ def import_request(server, merchant: str, secret: bytes, name: str = "sips", **f
         merchant_id=merchant, name=name, purpose=keys_pb2.KEY_PURPOSE_SEAL,
         wrapped_secret=wrapped, import_key_id=import_key_id, **fields,
     )
-
-
-def expected_check_value(secret: bytes, hash_function=hashlib.sha256) -> str:
-    return hmac.new(secret, bytes(16), hash_function).digest()[:3].hex().upper()
 
 
 def failed_call(method, request, **kwargs) -> grpc.RpcError:
@@ -325,7 +321,7 @@ def test_destroyed_version_keeps_its_check_value_for_the_record(server, merchant
 
 def test_get_import_parameters_gives_an_rsa_3072_pem_and_rsa_oaep_sha1(server):
     parameters = import_parameters(server)
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
+    public_key = pem_public_key(parameters)
     assert isinstance(public_key, rsa.RSAPublicKey)
     assert public_key.key_size == 3072
     assert parameters.wrapping_algorithm == "RSA_OAEP_SHA1"
@@ -338,7 +334,7 @@ def test_import_key_of_the_sips_secret_gives_its_check_value_and_python_hmac_sea
     response = server.keys.ImportKey(request, timeout=TIMEOUT)
 
     assert response.version == 1
-    assert response.check_value == expected_check_value(SIPS_SECRET)
+    assert response.check_value == check_value(SIPS_SECRET)
     assert response.key.key_id == f"{merchant}/sips"
     assert response.key.primary_version == 1
     version = response.key.versions[0]
@@ -347,7 +343,7 @@ def test_import_key_of_the_sips_secret_gives_its_check_value_and_python_hmac_sea
     )
     message = b"amount=55|currencyCode=978|merchantId=002001000000002|transactionReference=abc123"
     sealed = seal(server, response.key.key_id, message)
-    assert sealed.seal == hmac.new(SIPS_SECRET, message, hashlib.sha256).hexdigest()
+    assert sealed.seal == hmac_sha256(SIPS_SECRET, message).hex()
     assert verify(server, response.key.key_id, message, sealed.seal).valid
 
 
@@ -363,7 +359,7 @@ def test_import_key_adds_a_numbered_version_to_an_existing_key_and_can_make_it_p
     assert response.key.primary_version == 7
     assert [v.version for v in response.key.versions] == [7, 1]
     assert versions_by_number(response.key)[7].origin == keys_pb2.KEY_ORIGIN_IMPORTED
-    assert seal(server, key.key_id, b"m").seal == hmac.new(secret, b"m", hashlib.sha256).hexdigest()
+    assert seal(server, key.key_id, b"m").seal == hmac_sha256(secret, b"m").hex()
 
     next_free = server.keys.ImportKey(import_request(server, merchant, os.urandom(32)), timeout=TIMEOUT)
     assert next_free.version == 8
@@ -707,9 +703,8 @@ def test_no_status_message_or_log_line_contains_the_imported_secret(server, merc
     secret = b"s3cr3t-bank-issued-key-0123456789"[:32]
     key_id = server.keys.ImportKey(import_request(server, merchant, secret), timeout=TIMEOUT).key.key_id
     parameters = import_parameters(server)
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
-    other_key = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
-    sha256_oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    public_key = pem_public_key(parameters)
+    other_key = foreign_public_key()
 
     def request(wrapped: bytes, **fields) -> keys_pb2.ImportKeyRequest:
         fields.setdefault("algorithm", SHA256)
@@ -723,7 +718,7 @@ def test_no_status_message_or_log_line_contains_the_imported_secret(server, merc
         (server.keys.ImportKey, request(good, version=1)),  # version taken
         (server.keys.ImportKey, request(good, algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA512)),
         (server.keys.ImportKey, request(good, import_key_id="someone-elses")),
-        (server.keys.ImportKey, request(public_key.encrypt(secret, sha256_oaep))),
+        (server.keys.ImportKey, request(public_key.encrypt(secret, OAEP_SHA256))),
         (server.keys.ImportKey, request(other_key.encrypt(secret, OAEP_SHA1))),
         (server.keys.ImportKey, request(good[:-1] + bytes([good[-1] ^ 1]))),
         (server.keys.ImportKey, request(secret)),  # the plain secret instead of a wrapped one
@@ -755,7 +750,7 @@ def test_import_key_with_bad_wrapping_leaves_the_existing_key_unchanged(server, 
     before = get_key(server, first.key.key_id)
     sealed_before = seal(server, first.key.key_id, b"m").seal
     parameters = import_parameters(server)
-    other_key = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    other_key = foreign_public_key()
 
     failed_call(server.keys.ImportKey, keys_pb2.ImportKeyRequest(
         merchant_id=merchant, name="sips", purpose=keys_pb2.KEY_PURPOSE_SEAL, algorithm=SHA256,
@@ -786,7 +781,7 @@ def test_import_key_of_a_new_key_with_bad_wrapping_creates_nothing(server, merch
 
 def test_import_key_of_an_unpadded_short_secret_is_refused_and_creates_nothing(server, merchant):
     parameters = import_parameters(server)
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
+    public_key = pem_public_key(parameters)
     error = failed_call(server.keys.ImportKey, keys_pb2.ImportKeyRequest(
         merchant_id=merchant, name="sips", purpose=keys_pb2.KEY_PURPOSE_SEAL, algorithm=SHA256,
         wrapped_secret=public_key.encrypt(SIPS_SECRET, OAEP_SHA1), import_key_id=parameters.import_key_id,
@@ -802,15 +797,14 @@ def test_import_key_with_bad_wrapping_is_invalid_argument_naming_wrapped_secret(
     # A caller's mistake, not an outage: UNAVAILABLE would invite retries of a request
     # that can never succeed.
     parameters = import_parameters(server)
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
-    other_key = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    public_key = pem_public_key(parameters)
+    other_key = foreign_public_key()
     good = public_key.encrypt(os.urandom(32), OAEP_SHA1)
-    sha256_oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     bad_wrappings = {
         "random bytes": os.urandom(384),
         "too short": b"\x00" * 10,
         "under another RSA key": other_key.encrypt(os.urandom(32), OAEP_SHA1),
-        "OAEP with SHA-256": public_key.encrypt(os.urandom(32), sha256_oaep),
+        "OAEP with SHA-256": public_key.encrypt(os.urandom(32), OAEP_SHA256),
         "PKCS#1 v1.5": public_key.encrypt(os.urandom(32), padding.PKCS1v15()),
         "one bit flipped": good[:-1] + bytes([good[-1] ^ 1]),
     }

@@ -9,15 +9,11 @@ process would have; it shares this process's HSM connection (PKCS#11 login is pe
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import os
 import threading
 import time
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -27,21 +23,10 @@ from keysvc.model import KeyAlgorithm, KeyPurpose, KeyVersionState
 from keysvc.seals import Seal, SealEncoding, Sealer, SealRequest, Verification, VerifyRequest
 from keysvc.store import KeyStore
 from tests.conftest import make_domain
+from tests.crypto_helpers import hmac_sha256, import_secret
 
-OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 SHA256 = KeyAlgorithm.HMAC_SHA256
 HEX, BASE64 = SealEncoding.HEX, SealEncoding.BASE64
-
-
-def import_secret(domain, merchant, name, secret, algorithm=SHA256, **options):
-    parameters = domain.keys.import_parameters()
-    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
-    return domain.keys.import_key(merchant, name, KeyPurpose.SEAL, algorithm,
-                                  public_key.encrypt(secret, OAEP_SHA1), parameters.import_key_id, **options)
-
-
-def tag(secret: bytes, message: bytes) -> bytes:
-    return hmac.new(secret, message, hashlib.sha256).digest()
 
 
 def wait_until(condition, timeout: float) -> float:
@@ -86,7 +71,7 @@ def test_hex_seal_is_the_lowercase_hex_hmac_and_names_key_and_version(domain, se
 
     sealed = domain.sealer.compute_seal(SealRequest(key_id, b"amount=100", encoding=HEX))
 
-    assert sealed == Seal(tag(secret, b"amount=100").hex(), key_id, 1)
+    assert sealed == Seal(hmac_sha256(secret, b"amount=100").hex(), key_id, 1)
 
 
 def test_base64_seal_is_the_standard_base64_hmac(domain, secret_key):
@@ -94,7 +79,7 @@ def test_base64_seal_is_the_standard_base64_hmac(domain, secret_key):
 
     sealed = domain.sealer.compute_seal(SealRequest(key_id, b"amount=100", encoding=BASE64))
 
-    assert sealed.seal == base64.b64encode(tag(secret, b"amount=100")).decode()
+    assert sealed.seal == base64.b64encode(hmac_sha256(secret, b"amount=100")).decode()
 
 
 @pytest.mark.parametrize(
@@ -109,7 +94,7 @@ def test_verify_accepts_the_seal_in_each_encoding(domain, secret_key, seal_text,
     key_id, secret = secret_key
 
     verification = domain.sealer.verify_seal(
-        VerifyRequest(key_id, b"m", seal_text(tag(secret, b"m")), encoding=encoding)
+        VerifyRequest(key_id, b"m", seal_text(hmac_sha256(secret, b"m")), encoding=encoding)
     )
 
     assert verification == Verification(True, key_id, 1)
@@ -142,13 +127,13 @@ def test_verify_of_text_not_in_the_encoding_raises_invalid_argument_seal(domain,
         pytest.param(lambda t: t[:16].hex(), id="truncated"),
         pytest.param(lambda t: (t + b"\x00").hex(), id="extended"),
         pytest.param(lambda t: "", id="empty"),
-        pytest.param(lambda t: tag(b"another secret of thirty-two by", b"m").hex(), id="other-key"),
+        pytest.param(lambda t: hmac_sha256(b"another secret of thirty-two by", b"m").hex(), id="other-key"),
     ],
 )
 def test_wrong_seal_is_an_answer_valid_false_with_version_0(domain, secret_key, wrong_seal):
     key_id, secret = secret_key
 
-    verification = domain.sealer.verify_seal(VerifyRequest(key_id, b"m", wrong_seal(tag(secret, b"m"))))
+    verification = domain.sealer.verify_seal(VerifyRequest(key_id, b"m", wrong_seal(hmac_sha256(secret, b"m"))))
 
     assert verification == Verification(False, key_id, 0)
 
@@ -156,7 +141,9 @@ def test_wrong_seal_is_an_answer_valid_false_with_version_0(domain, secret_key, 
 def test_seal_of_another_message_is_valid_false(domain, secret_key):
     key_id, secret = secret_key
 
-    verification = domain.sealer.verify_seal(VerifyRequest(key_id, b"amount=101", tag(secret, b"amount=100").hex()))
+    verification = domain.sealer.verify_seal(
+        VerifyRequest(key_id, b"amount=101", hmac_sha256(secret, b"amount=100").hex())
+    )
 
     assert verification == Verification(False, key_id, 0)
 
@@ -168,11 +155,11 @@ def test_message_longer_than_max_message_bytes_raises_invalid_argument_message(d
     key_id, secret = secret_key
     sealer = Sealer(domain.ring, max_message_bytes=16)
 
-    assert sealer.compute_seal(SealRequest(key_id, b"x" * 16)).seal == tag(secret, b"x" * 16).hex()
+    assert sealer.compute_seal(SealRequest(key_id, b"x" * 16)).seal == hmac_sha256(secret, b"x" * 16).hex()
     with pytest.raises(InvalidArgument) as sealing:
         sealer.compute_seal(SealRequest(key_id, b"x" * 17))
     with pytest.raises(InvalidArgument) as verifying:
-        sealer.verify_seal(VerifyRequest(key_id, b"x" * 17, tag(secret, b"x" * 17).hex()))
+        sealer.verify_seal(VerifyRequest(key_id, b"x" * 17, hmac_sha256(secret, b"x" * 17).hex()))
 
     assert sealing.value.field == verifying.value.field == "message"
 
@@ -180,7 +167,7 @@ def test_message_longer_than_max_message_bytes_raises_invalid_argument_message(d
 def test_default_max_message_bytes_is_64_kib(domain, secret_key):
     key_id, secret = secret_key
 
-    assert domain.sealer.compute_seal(SealRequest(key_id, bytes(65536))).seal == tag(secret, bytes(65536)).hex()
+    assert domain.sealer.compute_seal(SealRequest(key_id, bytes(65536))).seal == hmac_sha256(secret, bytes(65536)).hex()
     with pytest.raises(InvalidArgument) as raised:
         domain.sealer.compute_seal(SealRequest(key_id, bytes(65537)))
     assert raised.value.field == "message"
@@ -190,7 +177,7 @@ def test_batch_over_max_batch_items_raises_invalid_argument_requests(domain, sec
     key_id, secret = secret_key
     sealer = Sealer(domain.ring, max_batch_items=3)
     seal_requests = [SealRequest(key_id, b"m")] * 4
-    verify_requests = [VerifyRequest(key_id, b"m", tag(secret, b"m").hex())] * 4
+    verify_requests = [VerifyRequest(key_id, b"m", hmac_sha256(secret, b"m").hex())] * 4
 
     assert len(sealer.compute_seals(seal_requests[:3])) == 3
     assert len(sealer.verify_seals(verify_requests[:3])) == 3
@@ -213,7 +200,7 @@ def test_work_past_its_deadline_fails_the_whole_call_with_deadline_exceeded(doma
     key_id, secret = secret_key
     past, future = time.monotonic() - 1, time.monotonic() + 60
     seal_requests = [SealRequest(key_id, b"a"), SealRequest(key_id, b"b")]
-    verify_requests = [VerifyRequest(key_id, b"a", tag(secret, b"a").hex())]
+    verify_requests = [VerifyRequest(key_id, b"a", hmac_sha256(secret, b"a").hex())]
 
     with pytest.raises(DeadlineExceeded):
         domain.sealer.compute_seals(seal_requests, deadline=past)
@@ -223,7 +210,7 @@ def test_work_past_its_deadline_fails_the_whole_call_with_deadline_exceeded(doma
         domain.sealer.compute_seal(seal_requests[0], deadline=past)
 
     assert [s.seal for s in domain.sealer.compute_seals(seal_requests, deadline=future)] == [
-        tag(secret, b"a").hex(), tag(secret, b"b").hex()
+        hmac_sha256(secret, b"a").hex(), hmac_sha256(secret, b"b").hex()
     ]
     assert domain.sealer.verify_seals(verify_requests, deadline=future) == [Verification(True, key_id, 1)]
 
@@ -250,14 +237,14 @@ def test_batch_seal_answers_each_item_in_place_with_errors_where_they_occurred(d
         SealRequest(key_id, b"third"),
     ])
 
-    assert outcomes[0] == Seal(tag(secret, b"first").hex(), key_id, 1)
+    assert outcomes[0] == Seal(hmac_sha256(secret, b"first").hex(), key_id, 1)
     assert isinstance(outcomes[1], NotFound)
     assert isinstance(outcomes[2], InvalidArgument) and outcomes[2].field == "key_id"
     assert isinstance(outcomes[3], InvalidArgument) and outcomes[3].field == "message"
-    assert outcomes[4] == Seal(base64.b64encode(tag(other_secret, b"second")).decode(), other_id, 1)
+    assert outcomes[4] == Seal(base64.b64encode(hmac_sha256(other_secret, b"second")).decode(), other_id, 1)
     assert isinstance(outcomes[5], NotFound)
     assert isinstance(outcomes[6], FailedPrecondition)
-    assert outcomes[7] == Seal(tag(secret, b"third").hex(), key_id, 1)
+    assert outcomes[7] == Seal(hmac_sha256(secret, b"third").hex(), key_id, 1)
 
 
 def test_batch_verify_answers_each_item_in_place_with_errors_where_they_occurred(domain, merchant, rotated_pair):
@@ -265,13 +252,13 @@ def test_batch_verify_answers_each_item_in_place_with_errors_where_they_occurred
     domain.keys.set_version_state(key_id, 1, KeyVersionState.DISABLED)
 
     outcomes = domain.sealer.verify_seals([
-        VerifyRequest(key_id, b"a", tag(secret, b"a").hex(), version=2),
-        VerifyRequest(key_id, b"a", tag(secret, b"b").hex()),
+        VerifyRequest(key_id, b"a", hmac_sha256(secret, b"a").hex(), version=2),
+        VerifyRequest(key_id, b"a", hmac_sha256(secret, b"b").hex()),
         VerifyRequest(key_id, b"a", "not hex"),
-        VerifyRequest(f"{merchant}/unknown", b"a", tag(secret, b"a").hex()),
-        VerifyRequest(key_id, b"a", tag(secret, b"a").hex(), version=1),
-        VerifyRequest(key_id, b"a", tag(secret, b"a").hex(), version=7),
-        VerifyRequest(key_id, b"c", base64.b64encode(tag(secret, b"c")).decode(), encoding=BASE64),
+        VerifyRequest(f"{merchant}/unknown", b"a", hmac_sha256(secret, b"a").hex()),
+        VerifyRequest(key_id, b"a", hmac_sha256(secret, b"a").hex(), version=1),
+        VerifyRequest(key_id, b"a", hmac_sha256(secret, b"a").hex(), version=7),
+        VerifyRequest(key_id, b"c", base64.b64encode(hmac_sha256(secret, b"c")).decode(), encoding=BASE64),
     ])
 
     assert outcomes[0] == Verification(True, key_id, 2)
@@ -291,7 +278,7 @@ def test_batch_of_many_messages_equals_their_single_seals(domain, secret_key):
     outcomes = domain.sealer.compute_seals([SealRequest(key_id, m, encoding=e) for m, e in zip(messages, encodings)])
 
     for message, encoding, outcome in zip(messages, encodings, outcomes):
-        expected = tag(secret, message)
+        expected = hmac_sha256(secret, message)
         assert outcome.seal == (expected.hex() if encoding is HEX else base64.b64encode(expected).decode())
 
 
@@ -322,7 +309,7 @@ def test_verify_tries_versions_newest_first_and_reports_the_first_match(domain, 
     verification = domain.sealer.verify_seal(VerifyRequest(key_id, b"m", sealed_by_1.seal))
 
     # Versions 1 and 2 hold the same secret: the newer one answers.
-    assert sealed_by_1.seal == tag(secret, b"m").hex()
+    assert sealed_by_1.seal == hmac_sha256(secret, b"m").hex()
     assert verification == Verification(True, key_id, 2)
 
 
