@@ -14,9 +14,7 @@ from __future__ import annotations
 import ctypes
 
 CKR_OK = 0
-CKR_KEY_HANDLE_INVALID = 0x60
 CKR_KEY_SIZE_RANGE = 0x62
-CKR_OBJECT_HANDLE_INVALID = 0x82
 _MAX_TAG = 64  # SHA-512
 
 

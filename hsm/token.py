@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -58,6 +59,9 @@ _NO_EXTRA_CAPABILITIES = {
     Attribute.UNWRAP: DEFAULT,
 }
 
+# The session, the module or the token's objects are gone. Finding the token keys
+# again in the same session does not work on SoftHSM once its token folder has been
+# away: recovery re-initialises the module and logs in again.
 _UNAVAILABLE_ERRORS = (
     p11.DeviceError,
     p11.DeviceMemory,
@@ -72,7 +76,12 @@ _UNAVAILABLE_ERRORS = (
     p11.UserNotLoggedIn,
     p11.ObjectHandleInvalid,
     p11.KeyHandleInvalid,
+    p11.WrappingKeyHandleInvalid,
+    p11.UnwrappingKeyHandleInvalid,
 )
+# Seconds between recovery attempts while the HSM stays unusable: calls in between
+# fail fast instead of each hammering the module.
+RECOVERY_INTERVAL = 0.5
 _UNWRAP_ERRORS = (
     p11.WrappedKeyInvalid,
     p11.WrappedKeyLenRange,
@@ -91,13 +100,6 @@ def _general_error_means_bad_wrapping() -> Iterator[None]:
         yield
     except p11.GeneralError:
         raise HsmUnwrapFailed("the wrapped key could not be unwrapped") from None
-
-
-def _direct_error(error: DirectSignError) -> HsmError:
-    """The HsmError python-pkcs11's exception for the same return code would become."""
-    if error.return_value == CKR_KEY_SIZE_RANGE:
-        return HsmKeyRejected("the key's size is out of range for this mechanism")
-    return HsmUnavailable(f"HSM call failed: CKR 0x{error.return_value:x}")
 
 
 class Digest(enum.Enum):
@@ -169,6 +171,9 @@ class Hsm:
         self._import_private_key = None
         self._import_public_der = b""
         self._direct: DirectSigner | None = None
+        # Set by a failure that needs the module and session re-opened before the next call.
+        self._recovering = False
+        self._next_recovery = 0.0
 
     @classmethod
     def connect(cls, config: HsmConfig) -> "Hsm":
@@ -209,6 +214,10 @@ class Hsm:
             ) from None
         self._pid = os.getpid()
         self.generation += 1
+        self._find_token_keys()
+
+    def _find_token_keys(self) -> None:
+        """Finds keysvc's token keys by label (slow: at start and on recovery only)."""
         self._master_key = self._find_key(ObjectClass.SECRET_KEY, MASTER_KEY_LABEL)
         self._binding_key = self._find_key(ObjectClass.SECRET_KEY, BINDING_KEY_LABEL)
         self._import_private_key = self._find_key(ObjectClass.PRIVATE_KEY, IMPORT_KEY_LABEL)
@@ -241,6 +250,35 @@ class Hsm:
         finally:
             probe_key.destroy()
 
+    def _direct_error(self, error: DirectSignError) -> HsmError:
+        """The HsmError (and recovery) python-pkcs11's exception for the same code would give."""
+        if error.return_value == CKR_KEY_SIZE_RANGE:
+            return HsmKeyRejected("the key's size is out of range for this mechanism")
+        self._schedule_recovery()
+        return HsmUnavailable(f"HSM call failed: CKR 0x{error.return_value:x}")
+
+    def _schedule_recovery(self) -> None:
+        if not self._recovering:
+            self._recovering = True
+            self._next_recovery = time.monotonic()  # the next call tries at once
+
+    def _recover(self) -> None:
+        """Called under the lock before a call while the HSM is known to be unusable:
+        re-opens the module and the session (a new generation, so cached key handles
+        become stale and are loaded again). Raises HsmUnavailable while it cannot."""
+        if time.monotonic() < self._next_recovery:
+            raise HsmUnavailable("recovering from an HSM failure")
+        had_token_keys = self._master_key is not None
+        try:
+            self._open()
+            recovered = self._master_key is not None or not had_token_keys
+        except (HsmError, p11.PKCS11Error):
+            recovered = False
+        if not recovered:
+            self._next_recovery = time.monotonic() + RECOVERY_INTERVAL
+            raise HsmUnavailable("recovering from an HSM failure")
+        self._recovering = False
+
     def _find_key(self, object_class: ObjectClass, label: str):
         try:
             return self._session.get_key(object_class=object_class, label=label)
@@ -253,6 +291,8 @@ class Hsm:
         with _PROCESS_LOCK:
             if self._pid != os.getpid():
                 self._open()
+            elif self._recovering:
+                self._recover()
             try:
                 yield self._session
             except HsmError:
@@ -262,6 +302,7 @@ class Hsm:
             except _UNWRAP_ERRORS:
                 raise HsmUnwrapFailed("the wrapped key could not be unwrapped") from None
             except _UNAVAILABLE_ERRORS as exc:
+                self._schedule_recovery()
                 raise HsmUnavailable(f"HSM call failed: {type(exc).__name__}") from None
             except p11.PKCS11Error as exc:
                 raise HsmError(f"HSM call refused: {type(exc).__name__}") from None
@@ -328,8 +369,8 @@ class Hsm:
     def generate_wrapped_secret(self, length: int) -> bytes:
         """Generates a random secret of `length` bytes and returns it wrapped under
         the master key (CKM_AES_KEY_WRAP_PAD). The plaintext never leaves the HSM."""
-        self._require_token_keys()
         with self._locked() as session:
+            self._require_token_keys()
             secret = session.generate_key(
                 KeyType.GENERIC_SECRET, length * 8, store=False,
                 template={
@@ -355,10 +396,10 @@ class Hsm:
         HsmKeyRejected when the HSM refuses the key for HMAC-`digest` (too short,
         empty), HsmKeyNotPreserved when wrapping would change its tags.
         """
-        self._require_token_keys()
-        if self._import_private_key is None:
-            raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
         with self._locked():
+            self._require_token_keys()
+            if self._import_private_key is None:
+                raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
             with _general_error_means_bad_wrapping():
                 secret = self._import_private_key.unwrap_key(
                     ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
@@ -404,8 +445,8 @@ class Hsm:
         Release it with release_secret when it is no longer cached.
         Raises HsmUnwrapFailed when the data is damaged or from another master key.
         """
-        self._require_token_keys()
         with self._locked():
+            self._require_token_keys()
             return SecretKeyHandle(self._unwrap_for_use(wrapped_secret), self.generation)
 
     @contextmanager
@@ -439,11 +480,11 @@ class Hsm:
                 try:
                     return self._direct.sign_many(self._session.handle, key.handle, int(mechanism), messages)
                 except DirectSignError as error:
-                    raise _direct_error(error) from None
+                    raise self._direct_error(error) from None
             return [key.sign(message, mechanism=mechanism) for message in messages]
 
     def bind(self, data: bytes) -> bytes:
         """HMAC-SHA256 of `data` under the token's binding key (ties records to keys)."""
-        self._require_token_keys()
         with self._locked():
+            self._require_token_keys()
             return self._binding_key.sign(data, mechanism=Mechanism.SHA256_HMAC)

@@ -8,6 +8,7 @@ server; the HSM is a real SoftHSM token whose folder is taken away under a runni
 from __future__ import annotations
 
 import subprocess
+import time
 
 import grpc
 import psycopg
@@ -91,7 +92,7 @@ def test_key_record_moved_to_another_version_is_refused_with_data_loss(hsm_token
         reader.store.close()
 
 
-def test_hsm_token_gone_gives_unavailable_without_a_stack_trace(tmp_path, merchant):
+def test_hsm_token_gone_gives_unavailable_then_service_resumes_by_itself_when_it_is_back(tmp_path, merchant):
     # A server with a token of its own, so that taking the token away touches no other test.
     subprocess.run([str(REPO / "hsm" / "softhsm" / "setup-token.sh"), str(tmp_path / "hsm"), TOKEN_LABEL],
                    check=True, capture_output=True)
@@ -118,5 +119,27 @@ def test_hsm_token_gone_gives_unavailable_without_a_stack_trace(tmp_path, mercha
             # Nothing half written: the failed rotation added no version.
             key = keys.GetKey(keys_pb2.GetKeyRequest(key_id=f"{merchant}/k"), timeout=10).key
             assert [v.version for v in key.versions] == [1]
+
+            (tmp_path / "hsm" / "tokens-gone").rename(tmp_path / "hsm" / "tokens")
+            rotated = _first_success_within(
+                5.0, lambda: keys.RotateKey(keys_pb2.RotateKeyRequest(key_id=f"{merchant}/k"), timeout=10))
+            assert rotated.version == 2
+            seals = seals_pb2_grpc.SealServiceStub(channel)
+            sealed = seals.Seal(seals_pb2.SealRequest(key_id=f"{merchant}/k", message=b"m"), timeout=10)
+            assert sealed.version == 2
+            assert seals.Verify(seals_pb2.VerifyRequest(
+                key_id=f"{merchant}/k", message=b"m", seal=sealed.seal), timeout=10).valid
     finally:
         stop_keysvc_server(server)
+
+
+def _first_success_within(seconds: float, call):
+    """The first answer of `call` that is not UNAVAILABLE, polling until the deadline."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            if error.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
