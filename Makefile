@@ -21,12 +21,14 @@ test: venv proto-check
 bench: venv proto
 	$(VENV)/bin/python bench/bench.py
 
-# Debian packages: SoftHSM2 (the HSM), and a PostgreSQL server for the store tests
-# when none is installed (the tests use the one on 127.0.0.1:5432 where it runs).
+# Debian packages: SoftHSM2 (the HSM), venv support for Python, and a PostgreSQL server
+# for the store tests when none is installed (the tests use the one on 127.0.0.1:5432
+# where it runs and lets them in, else they start a throwaway one from this package).
 deps: .deps-installed
 .deps-installed:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

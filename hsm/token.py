@@ -284,6 +284,11 @@ class Hsm:
             return self._session.get_key(object_class=object_class, label=label)
         except p11.NoSuchKey:
             return None
+        except p11.MultipleObjectsReturned:
+            raise HsmConfigurationError(
+                f"the token holds more than one {object_class.name} labelled {label!r}: "
+                "keep one (softhsm2-util / pkcs11-tool) before starting keysvc"
+            ) from None
 
     @contextmanager
     def _locked(self) -> Iterator[pkcs11.Session]:

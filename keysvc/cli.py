@@ -183,10 +183,10 @@ def read_secret(secret_file, secret_format: str) -> bytes:
     if secret_format == "text":
         # As banks hand them out: the UTF-8 bytes of the string (a final newline is not part of it).
         return raw.rstrip(b"\r\n")
-    text = raw.decode("ascii", errors="strict").strip()
     try:
+        text = raw.decode("ascii").strip()
         return bytes.fromhex(text) if secret_format == "hex" else base64.b64decode(text, validate=True)
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error):  # UnicodeDecodeError too; its text would quote the secret
         raise click.BadParameter(f"the secret is not {secret_format}", param_hint="--secret-file") from None
 
 

@@ -95,7 +95,8 @@ class KeyRing:
             revision = self._store.load_revision(key_id)
             if revision == cached[0].revision:
                 with self._lock:
-                    self._keys[key_id] = (cached[0], now)
+                    if self._keys.get(key_id) is cached:  # not replaced by a newer copy meanwhile
+                        self._keys[key_id] = (cached[0], now)
                 return cached[0]
         return self._reload(key_id)
 
@@ -133,11 +134,16 @@ class KeyRing:
     # -- handles --------------------------------------------------------------------------
 
     def _release_where(self, doomed: Callable[[str, int], bool]) -> None:
+        """Drops matching handles from the cache and frees them in the HSM, best effort:
+        a failure here must not fail a change already stored (and a handle the HSM
+        cannot free now dies anyway when the module is re-initialised)."""
         with self._lock:
-            released = [(name, self._handles.pop(name)) for name in list(self._handles) if doomed(*name)]
-        with hsm_errors():
-            for _name, handle in released:
+            released = [self._handles.pop(name) for name in list(self._handles) if doomed(*name)]
+        for handle in released:
+            try:
                 self._hsm.release_secret(handle)
+            except hsm.HsmError:
+                pass
 
     def _handle(self, key: Key, version: KeyVersion) -> hsm.SecretKeyHandle:
         name = (key.key_id, version.version)
@@ -166,9 +172,11 @@ class KeyRing:
                 self._handles[name] = handle
                 while len(self._handles) > self._max_handles:
                     evicted.append(self._handles.popitem(last=False)[1])
-        with hsm_errors():
-            for old in evicted:
+        for old in evicted:
+            try:
                 self._hsm.release_secret(old)
+            except hsm.HsmError:
+                pass  # best effort, as in _release_where
         return handle
 
     def hmac_many(self, key: Key, version: KeyVersion, messages: Iterable[bytes]) -> list[bytes]:

@@ -239,14 +239,22 @@ class KeyManager:
             except AlreadyExists:
                 pass  # created meanwhile: add a version to it below
 
-        return self._add_version(key_id, material, version, make_primary)
+        return self._add_version(key_id, material, version, make_primary, algorithm, purpose)
 
-    def _add_version(self, key_id: str, material: NewMaterial, version: int, make_primary: bool
-                     ) -> tuple[Key, KeyVersion]:
-        """Stores `material` as version `version` (0: the next number) of an existing key."""
+    def _add_version(self, key_id: str, material: NewMaterial, version: int, make_primary: bool,
+                     algorithm: KeyAlgorithm, purpose: KeyPurpose) -> tuple[Key, KeyVersion]:
+        """Stores `material`, made for `algorithm` and `purpose`, as version `version`
+        (0: the next number) of an existing key."""
         added: list[int] = []
 
         def add_version(current: Key) -> Key:
+            # Checked here too: the key may have been created meanwhile with another algorithm.
+            if current.algorithm is not algorithm:
+                raise InvalidArgument(
+                    "algorithm", f"key {key_id!r} is {current.algorithm.value}, not {algorithm.value}"
+                )
+            if current.purpose is not purpose:
+                raise InvalidArgument("purpose", f"key {key_id!r} is a {current.purpose.value} key")
             number = version or max((v.version for v in current.versions), default=0) + 1
             if current.find_version(number) is not None:
                 raise AlreadyExists(f"key {key_id!r} already has version {number}")
@@ -263,7 +271,8 @@ class KeyManager:
         """Adds a version generated in the HSM and makes it primary; older versions keep
         their state (retire them with set_version_state)."""
         current = self.get_key(key_id)
-        return self._add_version(key_id, self._generate_material(current.algorithm), 0, make_primary=True)
+        material = self._generate_material(current.algorithm)
+        return self._add_version(key_id, material, 0, True, current.algorithm, current.purpose)
 
     def get_key(self, key_id: str) -> Key:
         """Raises InvalidArgument for a malformed id, NotFound for an unknown one."""
@@ -353,6 +362,8 @@ def _decode_page_token(page_token: str) -> str:
     if not page_token:
         return ""
     try:
-        return base64.b64decode(page_token.encode(), altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        last_key_id = base64.b64decode(page_token.encode(), altchars=b"-_", validate=True).decode()
+        parse_key_id(last_key_id)
+        return last_key_id
+    except (binascii.Error, UnicodeDecodeError, ValueError, InvalidArgument):
         raise InvalidArgument("page_token", "is not a token from a previous ListKeys response") from None

@@ -39,6 +39,10 @@ class SealEncoding(enum.Enum):
     BASE64 = "BASE64"
 
 
+# The longest tag is HMAC-SHA512's 64 bytes.
+_MAX_SEAL_CHARACTERS = {SealEncoding.HEX: 128, SealEncoding.BASE64: 88}
+
+
 @dataclass(frozen=True)
 class SealRequest:
     key_id: str
@@ -82,7 +86,10 @@ def encode_tag(tag: bytes, encoding: SealEncoding) -> str:
 
 
 def decode_tag(seal: str, encoding: SealEncoding) -> bytes:
-    """Raises InvalidArgument naming `seal` when it is not text in `encoding`."""
+    """Raises InvalidArgument naming `seal` when it is not text in `encoding` or is
+    longer than the longest tag (SHA-512's) can be."""
+    if len(seal) > _MAX_SEAL_CHARACTERS[encoding]:
+        raise InvalidArgument("seal", f"is longer than any seal ({_MAX_SEAL_CHARACTERS[encoding]} characters)")
     try:
         if encoding is SealEncoding.BASE64:
             return base64.b64decode(seal.encode("ascii"), validate=True)
@@ -145,11 +152,12 @@ class Sealer:
         return found
 
     def _with_fresh_key(self, key: Key, choose):
-        """Applies `choose` to the key; when it names a version this cache has not
-        seen, re-reads the key once (another worker may just have added it)."""
+        """Applies `choose` to the key; when it names a version this cache has not seen
+        or holds in a state that refuses, re-reads the key once (another worker may just
+        have added or re-enabled it)."""
         try:
             return key, choose(key)
-        except NotFound:
+        except (NotFound, FailedPrecondition):
             fresh = self._ring.refresh(key.key_id)
             if fresh is None:
                 raise

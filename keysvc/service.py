@@ -11,13 +11,16 @@ others notice within KeyRing's metadata TTL.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import hsm
 from keysvc.config import Settings
@@ -40,9 +43,16 @@ class Services:
 
 
 def prepare(settings: Settings) -> None:
-    """Runs database migrations and creates the token's keysvc keys if missing."""
+    """Runs database migrations and creates the token's keysvc keys if missing.
+
+    Servers starting together on one host take turns (a lock file), so that a fresh
+    token never gets two master keys.
+    """
     KeyStore.open(settings.database_url).close()
-    hsm.Hsm.connect(settings.hsm_config).ensure_token_keys()
+    lock_path = Path(tempfile.gettempdir()) / f"keysvc-token-setup-{settings.token_label}.lock"
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        hsm.Hsm.connect(settings.hsm_config).ensure_token_keys()
 
 
 def open_services(settings: Settings) -> Services:

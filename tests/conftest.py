@@ -25,7 +25,7 @@ from keysvc.seals import Sealer
 from keysvc.store import KeyStore
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_VECTORS = REPO.parent / "shared" / "vectors"
+VECTORS = REPO / "tests" / "vectors"
 TOKEN_LABEL = "keysvc-test"
 
 
@@ -80,11 +80,14 @@ def merchant() -> str:
 # -- databases -------------------------------------------------------------------------
 
 
-def _postgres_reachable(host: str, port: int) -> bool:
+def _postgres_usable(admin_url: str) -> bool:
+    """Whether we can log in to that server as it is set up (trust auth, as here)."""
+    import psycopg
+
     try:
-        with socket.create_connection((host, port), timeout=1):
+        with psycopg.connect(admin_url + "/postgres", connect_timeout=3):
             return True
-    except OSError:
+    except psycopg.Error:
         return False
 
 
@@ -127,10 +130,11 @@ def _start_throwaway_postgres(directory: Path) -> str:
 
 @pytest.fixture(scope="session")
 def postgres_admin_url():
-    """The PostgreSQL server at 127.0.0.1:5432 where one runs, else a throwaway one
-    (KEYSVC_TEST_THROWAWAY_POSTGRES=1 forces the throwaway one)."""
-    if not os.environ.get("KEYSVC_TEST_THROWAWAY_POSTGRES") and _postgres_reachable("127.0.0.1", 5432):
-        yield "postgresql://postgres@127.0.0.1:5432"
+    """The PostgreSQL server at 127.0.0.1:5432 where one runs and lets us in without a
+    password, else a throwaway one (KEYSVC_TEST_THROWAWAY_POSTGRES=1 forces it)."""
+    local = "postgresql://postgres@127.0.0.1:5432"
+    if not os.environ.get("KEYSVC_TEST_THROWAWAY_POSTGRES") and _postgres_usable(local):
+        yield local
         return
     # Not under pytest's tmp folder: the postgres user must be able to reach it.
     directory = Path(tempfile.mkdtemp(prefix="keysvc-postgres-"))

@@ -239,6 +239,20 @@ def test_keys_import_of_the_sips_text_secret_prints_its_check_value_and_seals_li
     assert ok(keysvc(cli_server, "seal", "verify", key_id, sealed, "--message", message)).strip() == "valid (version 1)"
 
 
+@pytest.mark.parametrize("secret_format", ["hex", "base64"])
+def test_keys_import_of_a_non_ascii_secret_file_exits_2_without_quoting_it(cli_server, merchant, tmp_path,
+                                                                         secret_format):
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes("clé-secrète".encode())
+
+    result = keysvc(cli_server, "keys", "import", f"{merchant}/k", "--secret-file", str(secret_file),
+                    "--secret-format", secret_format)
+
+    assert result.returncode == EXIT_ERROR
+    assert f"the secret is not {secret_format}" in result.stderr
+    assert "Traceback" not in result.stderr and "0xc3" not in result.stderr
+
+
 def test_keys_import_hex_secret_from_stdin_as_a_numbered_primary_version(cli_server, api, merchant):
     key_id = f"{merchant}/hex"
     api.create(key_id)

@@ -6,8 +6,8 @@ Sources
   files of `Key = / Msg = / MD =` records in RFC order. The package leaves out RFC 4231 test
   case 5 (a tag truncated to 128 bits); its key, data and truncated tags are copied below from
   RFC 4231 section 4.6, and the seal's first 16 bytes are compared with them.
-- Wycheproof (C2SP/wycheproof, testvectors_v1): shared/vectors/wycheproof/hmac_sha{1,256,384,512}_test.json,
-  see shared/vectors/README.md for the commit.
+- Wycheproof (C2SP/wycheproof, testvectors_v1): tests/vectors/wycheproof/hmac_sha{1,256,384,512}_test.json,
+  see tests/vectors/README.md for the commit.
 
 Every key goes in the way a bank's secret does: wrapped with RSA-OAEP-SHA1 under the public key
 from KeyManager.import_parameters(), imported with KeyManager.import_key, then used through
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import cryptography_vectors
 import pytest
 
-from tests.conftest import SHARED_VECTORS, make_domain
+from tests.conftest import VECTORS, make_domain
 from tests.crypto_helpers import OAEP_SHA1, hashlib_name, pem_public_key
 from keysvc.errors import InvalidArgument
 from keysvc.model import KeyAlgorithm, KeyPurpose
@@ -129,7 +129,7 @@ class WycheproofCase:
 def _wycheproof_cases() -> list[WycheproofCase]:
     cases = []
     for algorithm, file_name in WYCHEPROOF_FILES.items():
-        document = json.loads((SHARED_VECTORS / "wycheproof" / file_name).read_text())
+        document = json.loads((VECTORS / "wycheproof" / file_name).read_text())
         for group in document["testGroups"]:
             truncated = group["tagSize"] != 8 * algorithm.digest.digest_size
             for test in group["tests"]:
