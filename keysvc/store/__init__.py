@@ -9,6 +9,8 @@ worker processes, replicas) never lose an update or leave half of one.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,13 +56,26 @@ def create_engine(database_url: str) -> sa.Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.execute("PRAGMA foreign_keys=ON")
+            _use_wal(cursor)
             cursor.close()
 
         return engine
     return sa.create_engine(database_url, pool_pre_ping=True, pool_size=10)
+
+
+def _use_wal(cursor) -> None:
+    """Puts the database in WAL mode (it stays so). Switching needs a lock that SQLite
+    does not wait for, so a process racing another one to switch a fresh file retries."""
+    deadline = time.monotonic() + 10
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(engine: sa.Engine) -> None:
