@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,31 @@ def hsm_token(token) -> hsm.Hsm:
 def merchant() -> str:
     """A merchant id no other test uses."""
     return "m" + uuid.uuid4().hex[:12]
+
+
+def run_together(count: int, work, timeout: float = 60) -> list:
+    """Runs work(index) in `count` threads released at once; returns the results and
+    raises the first error. Fails the test if a thread is still running after `timeout`."""
+    start = threading.Barrier(count)
+    results: list = [None] * count
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = work(index)
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in threads), f"a thread did not finish within {timeout} s"
+    if errors:
+        raise errors[0]
+    return results
 
 
 # -- databases -------------------------------------------------------------------------

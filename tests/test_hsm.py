@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import threading
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import hsm
+from tests.conftest import run_together
 from tests.crypto_helpers import OAEP_SHA1, foreign_public_key, python_hmac
 
 
@@ -297,40 +297,28 @@ def test_eight_threads_using_the_hsm_for_two_seconds_get_no_error_and_correct_ta
     wrapped = hsm_token.rewrap_imported_secret(oaep_wrap(hsm_token, secret), hsm.Digest.SHA256)
     messages = [os.urandom(n) for n in (0, 1, 64, 1024)]
     expected = {m: python_hmac(secret, hsm.Digest.SHA256, m) for m in messages}
-    errors: list[BaseException] = []
     wrong_tags: list[bytes] = []
     calls = [0] * 8
-    start = threading.Barrier(8)
     deadline = time.monotonic() + 2.0
 
     def worker(index: int) -> None:
-        start.wait()
-        try:
-            while time.monotonic() < deadline:
-                message = messages[calls[index] % len(messages)]
-                # Mix every kind of call: the lock must cover all of them, not sign alone.
-                if calls[index] % 50 == 0:
-                    own = hsm_token.load_secret(wrapped)
-                    try:
-                        tag = hsm_token.hmac_many(own, hsm.Digest.SHA256, [message])[0]
-                    finally:
-                        hsm_token.release_secret(own)
-                else:
-                    tag = hsm_token.hmac(shared_handle, hsm.Digest.SHA256, message)
-                if tag != expected[message]:
-                    wrong_tags.append(message)
-                calls[index] += 1
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+        while time.monotonic() < deadline:
+            message = messages[calls[index] % len(messages)]
+            # Mix every kind of call: the lock must cover all of them, not sign alone.
+            if calls[index] % 50 == 0:
+                own = hsm_token.load_secret(wrapped)
+                try:
+                    tag = hsm_token.hmac_many(own, hsm.Digest.SHA256, [message])[0]
+                finally:
+                    hsm_token.release_secret(own)
+            else:
+                tag = hsm_token.hmac(shared_handle, hsm.Digest.SHA256, message)
+            if tag != expected[message]:
+                wrong_tags.append(message)
+            calls[index] += 1
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    run_together(8, worker, timeout=30)  # raises the first error any thread met
 
-    assert not any(thread.is_alive() for thread in threads)
-    assert errors == []
     assert wrong_tags == []
     assert all(count > 0 for count in calls)
 

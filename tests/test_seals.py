@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from keysvc.keyring import KeyRing
 from keysvc.model import KeyAlgorithm, KeyPurpose, KeyVersionState
 from keysvc.seals import Seal, SealEncoding, Sealer, SealRequest, Verification, VerifyRequest
 from keysvc.store import KeyStore
-from tests.conftest import make_domain
+from tests.conftest import make_domain, run_together
 from tests.crypto_helpers import hmac_sha256, import_secret
 
 SHA256 = KeyAlgorithm.HMAC_SHA256
@@ -418,11 +417,9 @@ def test_concurrent_seals_with_a_handle_cache_smaller_than_the_working_set_never
     expected = {key_id: domain.sealer.compute_seal(SealRequest(key_id, b"m")).seal for key_id in key_ids}
     sealer = Sealer(KeyRing(domain.hsm, domain.store, max_handles=1))
     failures: list[KeysvcError | str] = []
-    start = threading.Barrier(4)
     deadline = time.monotonic() + 1.5
 
     def worker(offset: int) -> None:
-        start.wait()
         count = offset
         while time.monotonic() < deadline and len(failures) < 10:
             key_id = key_ids[count % 4]
@@ -433,10 +430,6 @@ def test_concurrent_seals_with_a_handle_cache_smaller_than_the_working_set_never
             except KeysvcError as error:
                 failures.append(error)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    run_together(4, worker, timeout=30)
 
     assert failures == []

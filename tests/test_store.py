@@ -8,7 +8,6 @@ leave behind, and that migrations are safe to run twice and from several threads
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 from keysvc.errors import AlreadyExists, NotFound
 from keysvc.model import Key, KeyAlgorithm, KeyOrigin, KeyPurpose, KeyVersion, KeyVersionState, make_key_id
 from keysvc.store import KeyStore
+from tests.conftest import run_together
 
 MOMENT = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=timezone.utc)
 
@@ -58,30 +58,6 @@ def store(database_url):
     opened = KeyStore.open(database_url)
     yield opened
     opened.close()
-
-
-def run_together(count: int, work) -> list:
-    """Runs work(index) in `count` threads released at once; returns results, raises the first error."""
-    start = threading.Barrier(count)
-    results: list = [None] * count
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        start.wait()
-        try:
-            results[index] = work(index)
-        except BaseException as error:  # noqa: BLE001 - re-raised below
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads), "a thread did not finish within 60 s"
-    if errors:
-        raise errors[0]
-    return results
 
 
 # -- migrations ------------------------------------------------------------------------------------
