@@ -139,7 +139,11 @@ class KeyRing:
         cannot free now dies anyway when the module is re-initialised)."""
         with self._lock:
             released = [self._handles.pop(name) for name in list(self._handles) if doomed(*name)]
-        for handle in released:
+        self._free(released)
+
+    def _free(self, handles: list[hsm.SecretKeyHandle]) -> None:
+        """Frees session keys in the HSM, best effort (see _release_where)."""
+        for handle in handles:
             try:
                 self._hsm.release_secret(handle)
             except hsm.HsmError:
@@ -172,11 +176,7 @@ class KeyRing:
                 self._handles[name] = handle
                 while len(self._handles) > self._max_handles:
                     evicted.append(self._handles.popitem(last=False)[1])
-        for old in evicted:
-            try:
-                self._hsm.release_secret(old)
-            except hsm.HsmError:
-                pass  # best effort, as in _release_where
+        self._free(evicted)
         return handle
 
     def hmac_many(self, key: Key, version: KeyVersion, messages: Iterable[bytes]) -> list[bytes]:
@@ -192,6 +192,7 @@ class KeyRing:
                 except Unavailable:
                     if handle.generation == self._hsm.generation:
                         raise
-                # The module was re-initialised (a fork): drop the stale handle, load again.
+                # The module was re-initialised (after a fork or an HSM failure): drop the
+                # stale handle and load the key again.
                 self._release_where(lambda k, v: (k, v) == (key.key_id, version.version))
         raise Unavailable("the HSM is unavailable: key handle could not be reloaded")
