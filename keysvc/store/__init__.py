@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, exc
 
 from keysvc.errors import AlreadyExists, NotFound, Unavailable
@@ -78,10 +79,20 @@ def _use_wal(cursor) -> None:
             time.sleep(0.01)
 
 
-def migrate(engine: sa.Engine) -> None:
-    """Brings the schema to the newest revision; safe when several processes start at once."""
+def _alembic_config() -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(_MIGRATIONS))
+    return config
+
+
+def schema_head() -> str:
+    """The newest schema revision, the one `migrate` brings a database to."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Brings the schema to the newest revision; safe when several processes start at once."""
+    config = _alembic_config()
     with _database_errors(), engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})

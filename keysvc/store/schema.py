@@ -21,6 +21,9 @@ keys = Table(
     Column("name", String(64), nullable=False),
     Column("purpose", String(32), nullable=False),
     Column("algorithm", String(32), nullable=False),
+    # The key's profile: the payment platform it serves and its messages' charset.
+    Column("platform", String(16), nullable=False),
+    Column("charset", String(16), nullable=False),
     Column("primary_version", Integer, nullable=False),
     # Bumped by every change to the key or its versions (optimistic concurrency and
     # cache coherence between workers and replicas).
