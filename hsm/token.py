@@ -47,6 +47,13 @@ BINDING_KEY_LABEL = "keysvc-binding-1"
 IMPORT_KEY_LABEL = "keysvc-import-1"
 IMPORT_KEY_BITS = 3072
 
+# An exact secret (see envelope_imported_secret) travels in an envelope: this marker,
+# the length of the wrapped one-off private key (2 bytes), that key, then the secret
+# under RSA-OAEP. The one-off key pair is RSA-2048: one pair per secret, used once.
+ENVELOPE_MARKER = b"KSE1"
+ENVELOPE_KEY_BITS = 2048
+_OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
+
 # One lock for every PKCS#11 call in the process, whatever object makes it.
 _PROCESS_LOCK = threading.RLock()
 
@@ -105,14 +112,18 @@ def _general_error_means_bad_wrapping() -> Iterator[None]:
 class Digest(enum.Enum):
     """The hash functions the HMAC mechanisms use, with their sizes in bytes."""
 
-    SHA1 = (Mechanism.SHA_1_HMAC, 20, 64)
-    SHA256 = (Mechanism.SHA256_HMAC, 32, 64)
-    SHA384 = (Mechanism.SHA384_HMAC, 48, 128)
-    SHA512 = (Mechanism.SHA512_HMAC, 64, 128)
+    SHA1 = (Mechanism.SHA_1_HMAC, 20, 64, Mechanism.SHA_1)
+    SHA256 = (Mechanism.SHA256_HMAC, 32, 64, Mechanism.SHA256)
+    SHA384 = (Mechanism.SHA384_HMAC, 48, 128, Mechanism.SHA384)
+    SHA512 = (Mechanism.SHA512_HMAC, 64, 128, Mechanism.SHA512)
 
     @property
     def hmac_mechanism(self) -> Mechanism:
         return self.value[0]
+
+    @property
+    def hash_mechanism(self) -> Mechanism:
+        return self.value[3]
 
     @property
     def digest_size(self) -> int:
@@ -453,6 +464,107 @@ class Hsm:
         with self._locked():
             self._require_token_keys()
             return SecretKeyHandle(self._unwrap_for_use(wrapped_secret), self.generation)
+
+    # -- exact secrets ------------------------------------------------------------------
+    #
+    # CKM_AES_KEY_WRAP_PAD on SoftHSM 2.6.1 gives back a key zero-padded to a multiple of
+    # 8 bytes. HMAC does not mind (it pads with zeros itself), but a mechanism that uses
+    # the key's bytes as data (C_DigestKey) does. An exact secret is therefore kept in
+    # an envelope that preserves its length: the secret under RSA-OAEP with a one-off
+    # RSA key pair made in the HSM, whose private half is wrapped under the master key.
+    # Only the master key is needed to open it, as for every other stored key.
+
+    def _seal_in_envelope(self, session: pkcs11.Session, secret: pkcs11.SecretKey) -> bytes:
+        public, private = session.generate_keypair(
+            KeyType.RSA, ENVELOPE_KEY_BITS, store=False,
+            public_template={Attribute.WRAP: True, Attribute.ENCRYPT: DEFAULT, Attribute.VERIFY: DEFAULT},
+            private_template={
+                Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.UNWRAP: True,
+                Attribute.DECRYPT: DEFAULT, Attribute.SIGN: DEFAULT,
+            },
+        )
+        try:
+            wrapped_secret = public.wrap_key(secret, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1)
+            wrapped_private = self._master_key.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        finally:
+            public.destroy()
+            private.destroy()
+        return ENVELOPE_MARKER + len(wrapped_private).to_bytes(2, "big") + wrapped_private + wrapped_secret
+
+    def generate_enveloped_secret(self, length: int) -> bytes:
+        """Generates a random secret of exactly `length` bytes in the HSM and returns it
+        in an envelope (see above) that load_enveloped_secret opens."""
+        with self._locked() as session:
+            self._require_token_keys()
+            secret = session.generate_key(
+                KeyType.GENERIC_SECRET, length * 8, store=False,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True},
+            )
+            try:
+                return self._seal_in_envelope(session, secret)
+            finally:
+                secret.destroy()
+
+    def envelope_imported_secret(self, oaep_wrapped_secret: bytes) -> bytes:
+        """Unwraps a secret sent under the import key (RSA-OAEP, SHA-1) inside the HSM
+        and returns it, exactly as sent, in an envelope. Raises HsmUnwrapFailed when the
+        data was not wrapped with the import key."""
+        with self._locked() as session:
+            self._require_token_keys()
+            if self._import_private_key is None:
+                raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+            with _general_error_means_bad_wrapping():
+                secret = self._import_private_key.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, store=False,
+                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                              Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT, **_NO_EXTRA_CAPABILITIES},
+                )
+            try:
+                return self._seal_in_envelope(session, secret)
+            finally:
+                secret.destroy()
+
+    def load_enveloped_secret(self, envelope: bytes) -> SecretKeyHandle:
+        """Opens an envelope into a non-extractable session key of the secret's exact
+        length. Raises HsmUnwrapFailed when the envelope is damaged or from another
+        master key."""
+        if len(envelope) < 6 or not envelope.startswith(ENVELOPE_MARKER):
+            raise HsmUnwrapFailed("the wrapped key is not an envelope")
+        private_length = int.from_bytes(envelope[4:6], "big")
+        wrapped_private, wrapped_secret = envelope[6:6 + private_length], envelope[6 + private_length:]
+        with self._locked():
+            self._require_token_keys()
+            with _general_error_means_bad_wrapping():
+                private = self._master_key.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, KeyType.RSA, wrapped_private,
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
+                    # UNWRAP after the defaults: this key exists to unwrap the secret.
+                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT, **_NO_EXTRA_CAPABILITIES,
+                              Attribute.UNWRAP: True},
+                )
+            try:
+                with _general_error_means_bad_wrapping():
+                    secret = private.unwrap_key(
+                        ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, wrapped_secret,
+                        mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, store=False,
+                        template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                  Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT, **_NO_EXTRA_CAPABILITIES},
+                    )
+            finally:
+                private.destroy()
+            return SecretKeyHandle(secret, self.generation)
+
+    def hash_with_secret_many(
+        self, handle: SecretKeyHandle, digest: Digest, messages: Iterable[bytes]
+    ) -> list[bytes]:
+        """Hash(message ‖ secret) of each message, the secret fed to the hash inside the
+        HSM (C_DigestKey): for legacy seals that predate HMAC."""
+        mechanism = digest.hash_mechanism
+        with self._locked() as session:
+            key = self._check_current(handle)
+            return [session.digest(iter([message, key]), mechanism=mechanism) for message in messages]
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

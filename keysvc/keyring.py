@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 import hsm
 from keysvc.errors import FailedPrecondition, IntegrityError, NotFound, Unavailable
-from keysvc.model import Key, KeyVersion
+from keysvc.model import Key, KeyAlgorithm, KeyVersion
 from keysvc.store import KeyStore
 
 CHECK_VALUE_MESSAGE = bytes(16)
@@ -57,8 +57,24 @@ def binding_message(key: Key, version: KeyVersion) -> bytes:
 
 
 def check_value(tag_over_zero_block: bytes) -> str:
-    """Key check value: the first 3 bytes of the key's HMAC over 16 zero bytes, as hex."""
+    """Key check value: the first 3 bytes of the key's own tag over 16 zero bytes, as
+    hex: its HMAC, or for SHA256_DATA_SECRET SHA-256(16 zero bytes ‖ secret)."""
     return tag_over_zero_block[:3].hex().upper()
+
+
+def load_handle(token: hsm.Hsm, algorithm: KeyAlgorithm, wrapped_key: bytes) -> hsm.SecretKeyHandle:
+    """Unwraps stored key material of `algorithm` into the HSM session."""
+    if algorithm.is_hmac:
+        return token.load_secret(wrapped_key)
+    return token.load_enveloped_secret(wrapped_key)
+
+
+def compute_tags(token: hsm.Hsm, handle: hsm.SecretKeyHandle, algorithm: KeyAlgorithm,
+                 messages: Iterable[bytes]) -> list[bytes]:
+    """The key's tag of each message under `algorithm`, computed in the HSM."""
+    if algorithm.is_hmac:
+        return token.hmac_many(handle, algorithm.digest, messages)
+    return token.hash_with_secret_many(handle, algorithm.digest, messages)
 
 
 class KeyRing:
@@ -165,7 +181,7 @@ class KeyRing:
                     f"the stored record of version {version.version} of key {key.key_id!r} "
                     "failed its integrity check"
                 )
-            handle = self._hsm.load_secret(version.wrapped_key)
+            handle = load_handle(self._hsm, key.algorithm, version.wrapped_key)
         evicted = []
         with self._lock:
             existing = self._handles.get(name)
@@ -179,8 +195,8 @@ class KeyRing:
         self._free(evicted)
         return handle
 
-    def hmac_many(self, key: Key, version: KeyVersion, messages: Iterable[bytes]) -> list[bytes]:
-        """The key version's HMAC of each message, computed in the HSM."""
+    def tags(self, key: Key, version: KeyVersion, messages: Iterable[bytes]) -> list[bytes]:
+        """The key version's tag (HMAC, or legacy hash) of each message, computed in the HSM."""
         messages = list(messages)
         for _attempt in range(2):
             # Held from lookup to use, so that no other thread releases the handle in between.
@@ -188,7 +204,7 @@ class KeyRing:
                 handle = self._handle(key, version)
                 try:
                     with hsm_errors():
-                        return self._hsm.hmac_many(handle, key.algorithm.digest, messages)
+                        return compute_tags(self._hsm, handle, key.algorithm, messages)
                 except Unavailable:
                     if handle.generation == self._hsm.generation:
                         raise

@@ -22,11 +22,22 @@ from cryptography.hazmat.primitives import serialization
 
 import hsm
 from keysvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from keysvc.keyring import CHECK_VALUE_MESSAGE, KeyRing, binding_message, check_value, hsm_errors
+from keysvc.keyring import (
+    CHECK_VALUE_MESSAGE,
+    KeyRing,
+    binding_message,
+    check_value,
+    compute_tags,
+    hsm_errors,
+    load_handle,
+)
 from keysvc.model import (
+    PLATFORM_ALGORITHMS,
+    Charset,
     Key,
     KeyAlgorithm,
     KeyOrigin,
+    KeyPlatform,
     KeyPurpose,
     KeyVersion,
     KeyVersionState,
@@ -79,6 +90,22 @@ def parse_key_id(key_id: str) -> tuple[str, str]:
     return merchant_id, name
 
 
+def validate_profile(platform: KeyPlatform, algorithm: KeyAlgorithm) -> None:
+    """A key's platform decides which algorithms it may have."""
+    allowed = PLATFORM_ALGORITHMS[platform]
+    if algorithm not in allowed:
+        names = ", ".join(a.value for a in allowed)
+        raise InvalidArgument("algorithm", f"a {platform.value} key must be one of {names}, not {algorithm.value}")
+
+
+@dataclass(frozen=True)
+class KeyProfile:
+    """What a key serves: its platform and the charset of the text it seals."""
+
+    platform: KeyPlatform = KeyPlatform.GENERIC
+    charset: Charset = Charset.UTF_8
+
+
 def _find_version(key: Key, version: int) -> KeyVersion:
     found = key.find_version(version)
     if found is None:
@@ -97,16 +124,20 @@ class KeyManager:
     # -- material -------------------------------------------------------------------------
 
     def _check_value(self, algorithm: KeyAlgorithm, wrapped_key: bytes) -> str:
-        handle = self._hsm.load_secret(wrapped_key)
+        handle = load_handle(self._hsm, algorithm, wrapped_key)
         try:
-            return check_value(self._hsm.hmac(handle, algorithm.digest, CHECK_VALUE_MESSAGE))
+            return check_value(compute_tags(self._hsm, handle, algorithm, [CHECK_VALUE_MESSAGE])[0])
         finally:
             self._hsm.release_secret(handle)
 
     def _generate_material(self, algorithm: KeyAlgorithm) -> NewMaterial:
         # As long as the digest: the most HMAC uses, and the least SoftHSM accepts.
+        length = algorithm.digest.digest_size
         with hsm_errors():
-            wrapped = self._hsm.generate_wrapped_secret(algorithm.digest.digest_size)
+            if algorithm.is_hmac:
+                wrapped = self._hsm.generate_wrapped_secret(length)
+            else:
+                wrapped = self._hsm.generate_enveloped_secret(length)
             return NewMaterial(wrapped, self._check_value(algorithm, wrapped), KeyOrigin.GENERATED)
 
     def _imported_material(self, algorithm: KeyAlgorithm, wrapped_secret: bytes) -> NewMaterial:
@@ -114,7 +145,10 @@ class KeyManager:
             raise InvalidArgument("wrapped_secret", "is required")
         digest = algorithm.digest
         try:
-            wrapped = self._hsm.rewrap_imported_secret(wrapped_secret, digest)
+            if algorithm.is_hmac:
+                wrapped = self._hsm.rewrap_imported_secret(wrapped_secret, digest)
+            else:  # the secret's bytes are hashed as data: kept exactly as sent
+                wrapped = self._hsm.envelope_imported_secret(wrapped_secret)
         except hsm.HsmUnwrapFailed:
             raise InvalidArgument(
                 "wrapped_secret",
@@ -154,7 +188,7 @@ class KeyManager:
         return replace(version, binding_tag=tag)
 
     def _new_key(self, merchant_id: str, name: str, purpose: KeyPurpose, algorithm: KeyAlgorithm,
-                 number: int, material: NewMaterial) -> Key:
+                 profile: KeyProfile, number: int, material: NewMaterial) -> Key:
         now = utcnow()
         key = Key(
             key_id=make_key_id(merchant_id, name),
@@ -165,6 +199,8 @@ class KeyManager:
             primary_version=number,
             created_at=now,
             updated_at=now,
+            platform=profile.platform,
+            charset=profile.charset,
         )
         return replace(key, versions=(self._new_version(key, number, material),))
 
@@ -174,14 +210,17 @@ class KeyManager:
 
     # -- operations -------------------------------------------------------------------------
 
-    def create_key(self, merchant_id: str, name: str, purpose: KeyPurpose, algorithm: KeyAlgorithm) -> Key:
-        """Creates a key whose version 1 is generated in the HSM. Raises AlreadyExists."""
+    def create_key(self, merchant_id: str, name: str, purpose: KeyPurpose, algorithm: KeyAlgorithm,
+                   profile: KeyProfile = KeyProfile()) -> Key:
+        """Creates a key whose version 1 is generated in the HSM. Raises AlreadyExists,
+        InvalidArgument when the algorithm does not suit the platform."""
         validate_merchant_id(merchant_id)
         validate_key_name(name)
+        validate_profile(profile.platform, algorithm)
         if self._store.load_revision(make_key_id(merchant_id, name)) is not None:
             raise AlreadyExists(f"key {make_key_id(merchant_id, name)!r} already exists")
         material = self._generate_material(algorithm)
-        key = self._new_key(merchant_id, name, purpose, algorithm, 1, material)
+        key = self._new_key(merchant_id, name, purpose, algorithm, profile, 1, material)
         return self._stored(self._store.insert_key(key))
 
     def import_parameters(self) -> ImportParameters:
@@ -205,11 +244,13 @@ class KeyManager:
         import_key_id: str,
         version: int = 0,
         make_primary: bool = False,
+        profile: KeyProfile | None = None,
     ) -> tuple[Key, KeyVersion]:
-        """Imports a bank-issued secret as a new version, creating the key if needed.
+        """Imports a bank-issued secret as a new version, creating the key if needed
+        (with `profile`, by default a GENERIC key over UTF-8).
 
-        Raises InvalidArgument (bad wrapping, short secret, algorithm mismatch),
-        AlreadyExists (version number taken).
+        Raises InvalidArgument (bad wrapping, short secret, algorithm or profile
+        mismatch), AlreadyExists (version number taken).
         """
         validate_merchant_id(merchant_id)
         validate_key_name(name)
@@ -228,11 +269,17 @@ class KeyManager:
                 )
             if purpose is not existing.purpose:
                 raise InvalidArgument("purpose", f"key {key_id!r} is a {existing.purpose.value} key")
+            if profile is not None and profile != KeyProfile(existing.platform, existing.charset):
+                raise InvalidArgument(
+                    "platform", f"key {key_id!r} is a {existing.platform.value} key over {existing.charset.value}"
+                )
             algorithm = existing.algorithm
+        profile = profile or KeyProfile()
+        validate_profile(profile.platform, algorithm)
         material = self._imported_material(algorithm, wrapped_secret)
         if existing is None:
             number = version or 1
-            key = self._new_key(merchant_id, name, purpose, algorithm, number, material)
+            key = self._new_key(merchant_id, name, purpose, algorithm, profile, number, material)
             try:
                 stored = self._store.insert_key(key)
                 return self._stored(stored), stored.versions[0]

@@ -16,10 +16,21 @@ class KeyAlgorithm(enum.Enum):
     HMAC_SHA256 = "HMAC_SHA256"
     HMAC_SHA384 = "HMAC_SHA384"
     HMAC_SHA512 = "HMAC_SHA512"
+    # SHA-256(message ‖ secret): the legacy SIPS seal, from before SIPS used HMAC.
+    SHA256_DATA_SECRET = "SHA256_DATA_SECRET"
 
     @property
     def digest(self) -> Digest:
         return _DIGESTS[self]
+
+    @property
+    def is_hmac(self) -> bool:
+        return self is not KeyAlgorithm.SHA256_DATA_SECRET
+
+    @property
+    def platform_name(self) -> str:
+        """The name the payment platforms give the algorithm (SIPS `sealAlgorithm`)."""
+        return _PLATFORM_NAMES[self]
 
 
 _DIGESTS = {
@@ -27,7 +38,44 @@ _DIGESTS = {
     KeyAlgorithm.HMAC_SHA256: Digest.SHA256,
     KeyAlgorithm.HMAC_SHA384: Digest.SHA384,
     KeyAlgorithm.HMAC_SHA512: Digest.SHA512,
+    KeyAlgorithm.SHA256_DATA_SECRET: Digest.SHA256,
 }
+_PLATFORM_NAMES = {
+    KeyAlgorithm.HMAC_SHA1: "HMAC-SHA1",
+    KeyAlgorithm.HMAC_SHA256: "HMAC-SHA-256",
+    KeyAlgorithm.HMAC_SHA384: "HMAC-SHA-384",
+    KeyAlgorithm.HMAC_SHA512: "HMAC-SHA-512",
+    KeyAlgorithm.SHA256_DATA_SECRET: "SHA-256",
+}
+
+
+class KeyPlatform(enum.Enum):
+    """The payment platform a key's seals are for: it decides which seal schemes and
+    algorithms the key serves (see PLATFORM_ALGORITHMS)."""
+
+    GENERIC = "GENERIC"  # raw HMAC over the caller's bytes
+    SIPS = "SIPS"  # Worldline SIPS 2.0
+    MONETICO = "MONETICO"  # Monetico / CM-CIC (formerly CyberMUT P@iement)
+
+
+PLATFORM_ALGORITHMS = {
+    KeyPlatform.GENERIC: (
+        KeyAlgorithm.HMAC_SHA1, KeyAlgorithm.HMAC_SHA256, KeyAlgorithm.HMAC_SHA384, KeyAlgorithm.HMAC_SHA512,
+    ),
+    KeyPlatform.SIPS: (KeyAlgorithm.HMAC_SHA256, KeyAlgorithm.SHA256_DATA_SECRET),
+    KeyPlatform.MONETICO: (KeyAlgorithm.HMAC_SHA1,),
+}
+
+
+class Charset(enum.Enum):
+    """How the text a platform seal covers is turned into bytes."""
+
+    UTF_8 = "UTF-8"
+    ISO_8859_1 = "ISO-8859-1"
+
+    @property
+    def codec(self) -> str:
+        return "utf-8" if self is Charset.UTF_8 else "iso-8859-1"
 
 
 class KeyPurpose(enum.Enum):
@@ -87,6 +135,9 @@ class Key:
     versions: tuple[KeyVersion, ...] = ()
     # Bumped by every change; lets caches and writers detect concurrent changes.
     revision: int = 0
+    # The profile: which platform's seals the key makes, over text in which charset.
+    platform: KeyPlatform = KeyPlatform.GENERIC
+    charset: Charset = Charset.UTF_8
 
     def find_version(self, version: int) -> KeyVersion | None:
         for key_version in self.versions:

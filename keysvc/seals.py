@@ -202,7 +202,7 @@ class Sealer:
         for key, version, indexes in groups.values():
             _check_deadline(deadline)  # fails the whole call: the caller has given up on it
             try:
-                tags = self._ring.hmac_many(key, version, (requests[i].message for i in indexes))
+                tags = self._ring.tags(key, version, (requests[i].message for i in indexes))
             except KeysvcError as error:
                 for index in indexes:
                     outcomes[index] = error
@@ -247,7 +247,7 @@ class Sealer:
 
     def _matching_version(self, key: Key, candidates: list[KeyVersion], tag: bytes, message: bytes) -> int:
         for candidate in candidates:
-            expected = self._ring.hmac_many(key, candidate, [message])[0]
+            expected = self._ring.tags(key, candidate, [message])[0]
             if hmac.compare_digest(expected, tag):
                 return candidate.version
         return 0

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 import hsm
 from keysvc.model import KeyAlgorithm, KeyPurpose
 
+# The generic HMAC algorithms (the legacy SHA256_DATA_SECRET is tested with the SIPS seals).
+HMAC_ALGORITHMS = [algorithm for algorithm in KeyAlgorithm if algorithm.is_hmac]
 OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 HASHLIB_NAMES = {
     hsm.Digest.SHA1: "sha1",

@@ -49,7 +49,7 @@ import cryptography_vectors
 import pytest
 
 from tests.conftest import VECTORS, make_domain
-from tests.crypto_helpers import OAEP_SHA1, hashlib_name, pem_public_key
+from tests.crypto_helpers import HMAC_ALGORITHMS, OAEP_SHA1, hashlib_name, pem_public_key
 from keysvc.errors import InvalidArgument
 from keysvc.model import KeyAlgorithm, KeyPurpose
 from keysvc.seals import SealRequest, VerifyRequest
@@ -212,7 +212,7 @@ def test_zero_padding_to_the_digest_length_keeps_hmac_tags():
 
 
 @pytest.mark.parametrize("length", [65, 67, 131])
-@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
+@pytest.mark.parametrize("algorithm", HMAC_ALGORITHMS, ids=lambda a: a.value)
 def test_hmac_equivalent_key_keeps_hmac_tags(algorithm, length):
     # The premise of the fallback for refused keys, checked in software.
     key, message, name = bytes(range(length)), b"Test Using Larger Than Block-Size Key", hashlib_name(algorithm)

@@ -27,6 +27,7 @@ from keysvc.model import KeyAlgorithm, KeyOrigin, KeyPurpose, KeyVersionState
 from keysvc.seals import SealRequest, VerifyRequest
 from tests.conftest import make_domain
 from tests.crypto_helpers import (
+    HMAC_ALGORITHMS,
     OAEP_SHA1,
     check_value,
     foreign_public_key,
@@ -61,7 +62,7 @@ def rotated_key(domain, merchant):
 # -- create -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
+@pytest.mark.parametrize("algorithm", HMAC_ALGORITHMS, ids=lambda a: a.value)
 def test_create_key_makes_version_1_the_enabled_generated_primary(domain, merchant, algorithm):
     key = domain.keys.create_key(merchant, "sips", SEAL, algorithm)
 
@@ -75,7 +76,7 @@ def test_create_key_makes_version_1_the_enabled_generated_primary(domain, mercha
     assert domain.keys.get_key(key.key_id) == key
 
 
-@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
+@pytest.mark.parametrize("algorithm", HMAC_ALGORITHMS, ids=lambda a: a.value)
 def test_generated_key_check_value_is_the_start_of_its_seal_over_16_zero_bytes(domain, merchant, algorithm):
     key = domain.keys.create_key(merchant, "kcv", SEAL, algorithm)
 
@@ -163,7 +164,7 @@ def test_rotate_unknown_key_raises_not_found(domain, merchant):
 # -- check values of imported keys ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
+@pytest.mark.parametrize("algorithm", HMAC_ALGORITHMS, ids=lambda a: a.value)
 def test_imported_key_check_value_is_first_3_bytes_of_hmac_over_16_zero_bytes(domain, merchant, algorithm):
     secret = os.urandom(algorithm.digest.digest_size)
 
@@ -462,7 +463,7 @@ def test_import_parameters_name_rsa_oaep_sha1_and_a_3072_bit_public_key(domain):
     assert public_key.key_size == 3072
 
 
-@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
+@pytest.mark.parametrize("algorithm", HMAC_ALGORITHMS, ids=lambda a: a.value)
 def test_import_into_a_new_key_creates_an_imported_primary_version_1_that_seals_like_hmac(
     domain, merchant, algorithm
 ):
@@ -598,7 +599,7 @@ def test_import_of_a_secret_shorter_than_the_digest_raises_invalid_argument_wrap
         domain.keys.get_key(f"{merchant}/bank")
 
 
-@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
+@pytest.mark.parametrize("algorithm", HMAC_ALGORITHMS, ids=lambda a: a.value)
 def test_import_of_a_secret_longer_than_the_block_size_seals_like_hmac_or_is_refused(domain, merchant, algorithm):
     # Not a multiple of 8 bytes: SoftHSM 2.6.1's wrap would zero-pad it, and HMAC hashes such a key
     # whole. Refusing it is fine; sealing with a different key than the one imported is not.

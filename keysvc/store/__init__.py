@@ -23,7 +23,16 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event, exc
 
 from keysvc.errors import AlreadyExists, NotFound, Unavailable
-from keysvc.model import Key, KeyAlgorithm, KeyOrigin, KeyPurpose, KeyVersion, KeyVersionState
+from keysvc.model import (
+    Charset,
+    Key,
+    KeyAlgorithm,
+    KeyOrigin,
+    KeyPlatform,
+    KeyPurpose,
+    KeyVersion,
+    KeyVersionState,
+)
 from keysvc.store.schema import key_versions, keys
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -184,6 +193,8 @@ class KeyStore:
                 updated_at=_as_utc(row.updated_at),
                 versions=tuple(versions[row.key_id]),
                 revision=row.revision,
+                platform=KeyPlatform(row.platform),
+                charset=Charset(row.charset),
             )
             for row in key_rows
         ]
@@ -227,6 +238,8 @@ class KeyStore:
                         name=key.name,
                         purpose=key.purpose.value,
                         algorithm=key.algorithm.value,
+                        platform=key.platform.value,
+                        charset=key.charset.value,
                         primary_version=key.primary_version,
                         revision=1,
                         created_at=key.created_at,
