@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from google.protobuf.json_format import MessageToDict
 
 from keysvc import config as config_module
+from keysvc.seal_formats import decode_monetico_key
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
 
 ALGORITHM_CHOICES = {
@@ -29,6 +30,24 @@ ALGORITHM_CHOICES = {
     "hmac-sha256": keys_pb2.KEY_ALGORITHM_HMAC_SHA256,
     "hmac-sha384": keys_pb2.KEY_ALGORITHM_HMAC_SHA384,
     "hmac-sha512": keys_pb2.KEY_ALGORITHM_HMAC_SHA512,
+    "sha256-data-secret": keys_pb2.KEY_ALGORITHM_SHA256_DATA_SECRET,
+}
+PLATFORM_CHOICES = {
+    "generic": keys_pb2.KEY_PLATFORM_GENERIC,
+    "sips": keys_pb2.KEY_PLATFORM_SIPS,
+    "monetico": keys_pb2.KEY_PLATFORM_MONETICO,
+}
+# The algorithm of a platform's keys when --algorithm is not given.
+PLATFORM_DEFAULT_ALGORITHMS = {"generic": "hmac-sha256", "sips": "hmac-sha256", "monetico": "hmac-sha1"}
+CHARSET_CHOICES = {"utf-8": keys_pb2.CHARSET_UTF_8, "iso-8859-1": keys_pb2.CHARSET_ISO_8859_1}
+SCHEME_CHOICES = {
+    "hmac": seals_pb2.SEAL_SCHEME_HMAC,
+    "sips-post": seals_pb2.SEAL_SCHEME_SIPS_POST,
+    "sips-json-request": seals_pb2.SEAL_SCHEME_SIPS_JSON_REQUEST,
+    "sips-json-response": seals_pb2.SEAL_SCHEME_SIPS_JSON_RESPONSE,
+    "monetico": seals_pb2.SEAL_SCHEME_MONETICO,
+    "cmcic-legacy-request": seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_REQUEST,
+    "cmcic-legacy-notification": seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_NOTIFICATION,
 }
 # Digest sizes (the least SoftHSM accepts for an HMAC key) and hashes for local check values.
 DIGESTS = {
@@ -105,6 +124,8 @@ def describe_key(key: keys_pb2.Key) -> str:
     lines = [
         f"key        {key.key_id}",
         f"algorithm  {_enum_name(keys_pb2.KeyAlgorithm, key.algorithm, 'KEY_ALGORITHM_')}",
+        f"platform   {_enum_name(keys_pb2.KeyPlatform, key.platform, 'KEY_PLATFORM_')} "
+        f"({_enum_name(keys_pb2.Charset, key.charset, 'CHARSET_').replace('_', '-')})",
         f"purpose    {_enum_name(keys_pb2.KeyPurpose, key.purpose, 'KEY_PURPOSE_')}",
         f"primary    {key.primary_version}",
         f"{'VERSION':>7}  {'STATE':<11}  {'ORIGIN':<9}  {'KCV':<6}  CREATED",
@@ -165,16 +186,53 @@ def keys() -> None:
     """Create, import, rotate and retire merchant keys."""
 
 
+_profile_options = [
+    click.option("--platform", type=click.Choice(list(PLATFORM_CHOICES)), default=None,
+                 help="The payment platform whose seals the key makes (a new key: generic by default)."),
+    click.option("--charset", type=click.Choice(list(CHARSET_CHOICES)), default=None,
+                 help="How platform seal text becomes bytes (a new key: utf-8 by default; iso-8859-1 for "
+                      "some Monetico contracts)."),
+    click.option("--algorithm", type=click.Choice(list(ALGORITHM_CHOICES)), default=None,
+                 help="A new key: hmac-sha1 for monetico, else hmac-sha256 by default. sha256-data-secret is "
+                      "the legacy SIPS SHA-256 seal."),
+]
+
+
+def _with_profile_options(command):
+    for option in reversed(_profile_options):
+        command = option(command)
+    return command
+
+
+def _algorithm_number(platform: str | None, algorithm: str | None) -> int:
+    return ALGORITHM_CHOICES[algorithm or PLATFORM_DEFAULT_ALGORITHMS[platform or "generic"]]
+
+
+def _profile_fields(platform: str | None, charset: str | None) -> dict:
+    """The request's profile fields; unspecified (0) where the option was not given."""
+    return {"platform": PLATFORM_CHOICES.get(platform, 0), "charset": CHARSET_CHOICES.get(charset, 0)}
+
+
+def _existing_key(ctx: click.Context, key_id: str) -> keys_pb2.Key | None:
+    try:
+        return _client(ctx).keys.GetKey(keys_pb2.GetKeyRequest(key_id=key_id), timeout=ctx.obj["timeout"]).key
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        click.echo(f"error: {error.code().name}: {error.details()}", err=True)
+        ctx.exit(EXIT_ERROR)
+
+
 @keys.command("create")
 @click.argument("key_id")
-@click.option("--algorithm", type=click.Choice(list(ALGORITHM_CHOICES)), default="hmac-sha256", show_default=True)
+@_with_profile_options
 @click.pass_context
-def keys_create(ctx, key_id, algorithm) -> None:
+def keys_create(ctx, key_id, platform, charset, algorithm) -> None:
     """Create KEY_ID (MERCHANT_ID/NAME) with a version 1 generated in the HSM."""
     merchant_id, name = _split_key_id(key_id)
     response = _call(ctx, _client(ctx).keys.CreateKey, keys_pb2.CreateKeyRequest(
         merchant_id=merchant_id, name=name, purpose=keys_pb2.KEY_PURPOSE_SEAL,
-        algorithm=ALGORITHM_CHOICES[algorithm]))
+        algorithm=_algorithm_number(platform, algorithm), **_profile_fields(platform, charset)))
     _print(ctx, response.key, describe_key(response.key))
 
 
@@ -183,6 +241,15 @@ def read_secret(secret_file, secret_format: str) -> bytes:
     if secret_format == "text":
         # As banks hand them out: the UTF-8 bytes of the string (a final newline is not part of it).
         return raw.rstrip(b"\r\n")
+    if secret_format == "monetico":
+        try:
+            key_text = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise click.BadParameter("a Monetico key is 40 ASCII characters", param_hint="--secret-file") from None
+        try:
+            return decode_monetico_key(key_text)
+        except ValueError as error:  # its message never quotes the key
+            raise click.BadParameter(str(error), param_hint="--secret-file") from None
     try:
         text = raw.decode("ascii").strip()
         return bytes.fromhex(text) if secret_format == "hex" else base64.b64decode(text, validate=True)
@@ -194,37 +261,49 @@ def read_secret(secret_file, secret_format: str) -> bytes:
 @click.argument("key_id")
 @click.option("--secret-file", type=click.File("rb"), required=True,
               help="File holding the secret the bank handed out ('-' for standard input).")
-@click.option("--secret-format", type=click.Choice(["text", "hex", "base64"]), default="text", show_default=True,
-              help="text: the secret string's UTF-8 bytes, as SIPS uses it.")
-@click.option("--algorithm", type=click.Choice(list(ALGORITHM_CHOICES)), default="hmac-sha256", show_default=True)
+@click.option("--secret-format", type=click.Choice(["text", "hex", "base64", "monetico"]), default="text",
+              show_default=True,
+              help="text: the secret string's UTF-8 bytes, as SIPS uses it; monetico: the 40-character "
+                   "Monetico / CM-CIC key, decoded to its 20 bytes as the kits do.")
+@_with_profile_options
 @click.option("--version", type=int, default=0, help="The bank's version number (default: the next).")
 @click.option("--make-primary", is_flag=True, help="Seal with this version from now on.")
 @click.pass_context
-def keys_import(ctx, key_id, secret_file, secret_format, algorithm, version, make_primary) -> None:
+def keys_import(ctx, key_id, secret_file, secret_format, platform, charset, algorithm, version,
+                make_primary) -> None:
     """Import a bank-issued secret as a version of KEY_ID, wrapped for the HSM in transit.
 
-    A secret shorter than the digest is zero-padded to the digest length before
-    wrapping (HMAC gives the same tags). The printed check value is compared with
-    one computed here from the secret.
+    For HMAC a secret shorter than the digest is zero-padded to the digest length
+    before wrapping (HMAC gives the same tags); for sha256-data-secret it goes as it
+    is. The printed check value is compared with one computed here from the secret.
     """
     merchant_id, name = _split_key_id(key_id)
     secret = read_secret(secret_file, secret_format)
     if not secret:
         raise click.BadParameter("the secret is empty", param_hint="--secret-file")
-    algorithm_number = ALGORITHM_CHOICES[algorithm]
-    digest_size, hash_function = DIGESTS[algorithm_number]
-    expected_check_value = hmac.new(secret, bytes(16), hash_function).digest()[:3].hex().upper()
+    existing = _existing_key(ctx, key_id)
+    if existing is not None and algorithm is None:
+        algorithm_number = existing.algorithm  # a new version of the key as it is
+    else:
+        algorithm_number = _algorithm_number(platform, algorithm)
+    if algorithm_number == keys_pb2.KEY_ALGORITHM_SHA256_DATA_SECRET:
+        # Its check value is SHA-256(16 zero bytes || secret); the secret is hashed as data, unpadded.
+        expected_check_value = hashlib.sha256(bytes(16) + secret).digest()[:3].hex().upper()
+        to_wrap = secret
+    else:
+        digest_size, hash_function = DIGESTS[algorithm_number]
+        expected_check_value = hmac.new(secret, bytes(16), hash_function).digest()[:3].hex().upper()
+        to_wrap = secret.ljust(digest_size, b"\0")
     client = _client(ctx)
     parameters = _call(ctx, client.keys.GetImportParameters, keys_pb2.GetImportParametersRequest())
     public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
     wrapped = public_key.encrypt(
-        secret.ljust(digest_size, b"\0"),
-        padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
+        to_wrap, padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
     )
     response = _call(ctx, client.keys.ImportKey, keys_pb2.ImportKeyRequest(
         merchant_id=merchant_id, name=name, purpose=keys_pb2.KEY_PURPOSE_SEAL, algorithm=algorithm_number,
         wrapped_secret=wrapped, import_key_id=parameters.import_key_id, version=version,
-        make_primary=make_primary))
+        make_primary=make_primary, **_profile_fields(platform, charset)))
     if response.check_value != expected_check_value:
         click.echo(f"error: the HSM's check value {response.check_value} differs from the secret's "
                    f"{expected_check_value}", err=True)
@@ -318,15 +397,35 @@ def seal() -> None:
     """Compute and verify message seals."""
 
 
-def _message(message: str | None, message_file) -> bytes:
-    if (message is None) == (message_file is None):
-        raise click.UsageError("give exactly one of --message and --message-file")
-    return message.encode() if message is not None else message_file.read()
+def _field(text: str) -> seals_pb2.Field:
+    name, equals, value = text.partition("=")
+    if not equals:
+        raise click.BadParameter("must be NAME=VALUE", param_hint="--field")
+    return seals_pb2.Field(name=name, value=value)
+
+
+def _seal_input(scheme, message, message_file, fields, fields_json, base64_data, encoding, version) -> dict:
+    """The request fields SealRequest and VerifyRequest share, from the options."""
+    if message is not None and message_file is not None:
+        raise click.UsageError("give at most one of --message and --message-file")
+    if message is None and message_file is None and not fields and fields_json is None:
+        raise click.UsageError("give the message (--message, --message-file) or its fields (--field, --fields-json)")
+    body = message.encode() if message is not None else message_file.read() if message_file is not None else b""
+    return dict(
+        message=body, scheme=SCHEME_CHOICES[scheme], encoding=ENCODING_CHOICES[encoding], version=version,
+        fields=[_field(item) for item in fields], fields_json=fields_json or "", encode_base64=base64_data,
+    )
 
 
 _message_options = [
-    click.option("--message", default=None, help="The message, as UTF-8 text."),
+    click.option("--scheme", type=click.Choice(list(SCHEME_CHOICES)), default="hmac", show_default=True,
+                 help="How the message becomes the sealed bytes (the key's platform must serve it)."),
+    click.option("--message", default=None, help="The message, as UTF-8 text (SIPS: the Data or the JSON)."),
     click.option("--message-file", type=click.File("rb"), default=None, help="The message bytes ('-': stdin)."),
+    click.option("--field", "fields", multiple=True, metavar="NAME=VALUE",
+                 help="A form field, repeatable, in order (Monetico, CM-CIC, SIPS POST)."),
+    click.option("--fields-json", default=None, help="SIPS POST: a JSON object to build Data from."),
+    click.option("--base64-data", is_flag=True, help="SIPS POST with Encode=base64."),
     click.option("--encoding", type=click.Choice(list(ENCODING_CHOICES)), default="hex", show_default=True),
     click.option("--version", type=int, default=0, help="A given version (default: primary / all)."),
 ]
@@ -342,12 +441,10 @@ def _with_message_options(command):
 @click.argument("key_id")
 @_with_message_options
 @click.pass_context
-def seal_compute(ctx, key_id, message, message_file, encoding, version) -> None:
-    """Print the seal of a message under KEY_ID."""
-    response = _call(ctx, _client(ctx).seals.Seal, seals_pb2.SealRequest(
-        key_id=key_id, message=_message(message, message_file), encoding=ENCODING_CHOICES[encoding],
-        version=version))
-    _print(ctx, response, response.seal)
+def seal_compute(ctx, key_id, **options) -> None:
+    """Print the seal of a message under KEY_ID (and the Data built, for SIPS POST fields)."""
+    response = _call(ctx, _client(ctx).seals.Seal, seals_pb2.SealRequest(key_id=key_id, **_seal_input(**options)))
+    _print(ctx, response, response.seal + (f"\nData: {response.data}" if response.data else ""))
 
 
 @seal.command("verify")
@@ -355,14 +452,36 @@ def seal_compute(ctx, key_id, message, message_file, encoding, version) -> None:
 @click.argument("seal_text", metavar="SEAL")
 @_with_message_options
 @click.pass_context
-def seal_verify(ctx, key_id, seal_text, message, message_file, encoding, version) -> None:
+def seal_verify(ctx, key_id, seal_text, **options) -> None:
     """Check SEAL over a message; exit 0 when valid, 1 when not."""
     response = _call(ctx, _client(ctx).seals.Verify, seals_pb2.VerifyRequest(
-        key_id=key_id, message=_message(message, message_file), seal=seal_text,
-        encoding=ENCODING_CHOICES[encoding], version=version))
-    _print(ctx, response, f"valid (version {response.version})" if response.valid else "INVALID")
+        key_id=key_id, seal=seal_text, **_seal_input(**options)))
+    human = f"valid (version {response.version})" if response.valid else "INVALID"
+    if response.receipt:
+        human += "\nreceipt for the bank: " + response.receipt.replace("\n", "\\n")
+    _print(ctx, response, human)
     if not response.valid:
         ctx.exit(EXIT_INVALID_SEAL)
+
+
+@seal.command("explain")
+@click.argument("key_id")
+@_with_message_options
+@click.pass_context
+def seal_explain(ctx, key_id, **options) -> None:
+    """Show exactly what Seal would seal, with which version, algorithm and charset."""
+    response = _call(ctx, _client(ctx).seals.ExplainSeal,
+                     seals_pb2.SealRequest(key_id=key_id, **_seal_input(**options)))
+    text = response.sealed_data.decode("utf-8" if response.charset == "UTF-8" else "iso-8859-1", errors="replace")
+    _print(ctx, response, "\n".join([
+        f"key        {response.key_id}",
+        f"version    {response.version}",
+        f"scheme     {_enum_name(seals_pb2.SealScheme, response.scheme, 'SEAL_SCHEME_')}",
+        f"algorithm  {response.algorithm}",
+        f"charset    {response.charset}",
+        f"sealed     {len(response.sealed_data)} bytes:",
+        text,
+    ]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Message seals: HMACs computed in the HSM with a key's primary (or named) version.
+"""Message seals: tags computed in the HSM with a key's primary (or named) version.
+
+A scheme (keysvc.seal_formats) first turns the request into the exact bytes that are
+sealed: the message as given for HMAC, or the string a payment platform seals. The
+key's profile must serve that scheme's platform, and a SIPS message that names its
+keyVersion is sealed or verified with that version.
 
 Verification recomputes the tag in the HSM and compares in constant time here
 (SoftHSM's own C_Verify compares with memcmp). A wrong seal is an answer
@@ -20,18 +25,12 @@ from keysvc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument,
 from keysvc.keyring import KeyRing
 from keysvc.keys import parse_key_id
 from keysvc.model import Key, KeyPurpose, KeyVersion
+from keysvc.seal_formats import RECEIPT_GENUINE, RECEIPT_NOT_GENUINE, SealedText, SealScheme, build
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 DEFAULT_MAX_BATCH_ITEMS = 1000
 # bytes.fromhex alone would also take spaces.
 _HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
-
-
-class SealScheme(enum.Enum):
-    """How a message becomes the bytes that are sealed. More schemes come with the
-    payment formats; each is a canonicalisation in front of the key's HMAC."""
-
-    HMAC = "HMAC"
 
 
 class SealEncoding(enum.Enum):
@@ -46,22 +45,32 @@ _MAX_SEAL_CHARACTERS = {SealEncoding.HEX: 128, SealEncoding.BASE64: 88}
 @dataclass(frozen=True)
 class SealRequest:
     key_id: str
-    message: bytes = field(repr=False)
+    message: bytes = field(default=b"", repr=False)
     scheme: SealScheme = SealScheme.HMAC
     encoding: SealEncoding = SealEncoding.HEX
-    # 0: the primary version.
+    # 0: the primary version (or the one a SIPS message names).
     version: int = 0
+    # Form fields, in order, for the schemes that build the sealed string from them.
+    fields: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # SIPS POST: a JSON object to build Data from (nested objects, lists of scalars).
+    fields_json: str = field(default="", repr=False)
+    # SIPS POST: Data is posted base64-encoded (Encode=base64).
+    encode_base64: bool = False
 
 
 @dataclass(frozen=True)
 class VerifyRequest:
     key_id: str
-    message: bytes = field(repr=False)
-    seal: str = field(repr=False)
+    message: bytes = field(default=b"", repr=False)
+    seal: str = field(default="", repr=False)
     scheme: SealScheme = SealScheme.HMAC
     encoding: SealEncoding = SealEncoding.HEX
-    # 0: every ENABLED and VERIFY_ONLY version, newest first.
+    # 0: the version a SIPS message names, else every ENABLED and VERIFY_ONLY
+    # version, newest first.
     version: int = 0
+    fields: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    fields_json: str = field(default="", repr=False)
+    encode_base64: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ class Seal:
     seal: str
     key_id: str
     version: int
+    # SIPS POST built from fields: the Data to post with the seal.
+    data: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,20 @@ class Verification:
     key_id: str
     # The version that matched; 0 when none did.
     version: int
+    # Monetico / CM-CIC notifications: the body to answer the bank with.
+    receipt: str = ""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What a seal would cover and with which key version: never the key or the seal."""
+
+    key_id: str
+    version: int
+    scheme: SealScheme
+    algorithm: str
+    charset: str
+    sealed_data: bytes
 
 
 def encode_tag(tag: bytes, encoding: SealEncoding) -> str:
@@ -105,6 +130,19 @@ def _check_deadline(deadline: float | None) -> None:
         raise DeadlineExceeded("the deadline passed before the work was done")
 
 
+def _memoised(cache: dict, name, compute):
+    """compute() once per name: its result, or the KeysvcError it raised, again."""
+    if name not in cache:
+        try:
+            cache[name] = compute()
+        except KeysvcError as error:
+            cache[name] = error
+    found = cache[name]
+    if isinstance(found, KeysvcError):
+        raise found
+    return found
+
+
 class Sealer:
     """The SealService operations. Thread-safe."""
 
@@ -121,24 +159,51 @@ class Sealer:
 
     # -- shared checks ------------------------------------------------------------------
 
-    def _sealing_key(self, key_id: str) -> Key:
+    def _sealing_key(self, key_id: str, scheme: SealScheme) -> Key:
         parse_key_id(key_id)
         key = self._ring.key(key_id)
         if key.purpose is not KeyPurpose.SEAL:
             raise FailedPrecondition(f"key {key_id!r} is a {key.purpose.value} key, not a sealing key")
+        if key.platform is not scheme.platform:
+            raise InvalidArgument(
+                "scheme", f"key {key_id!r} is a {key.platform.value} key and cannot make {scheme.value} seals"
+            )
         return key
 
     def _oversized_message(self) -> InvalidArgument:
         return InvalidArgument("message", f"is longer than {self.max_message_bytes} bytes")
 
-    def _check_message(self, message: bytes) -> bytes:
-        if len(message) > self.max_message_bytes:
+    def _check_size(self, request) -> None:
+        given = len(request.message) + len(request.fields_json) + sum(len(n) + len(v) for n, v in request.fields)
+        if given > self.max_message_bytes:
             raise self._oversized_message()
-        return message
 
     def _check_batch(self, items: list) -> None:
         if len(items) > self.max_batch_items:
             raise InvalidArgument("requests", f"holds more than {self.max_batch_items} items; split the batch")
+
+    def _sealed_text(self, request, key: Key) -> SealedText:
+        """The bytes `request` seals under `key`'s profile; checks what the message says
+        about its seal against the key."""
+        if request.scheme is not SealScheme.HMAC and request.encoding is not SealEncoding.HEX:
+            raise InvalidArgument("encoding", f"{request.scheme.value} seals are hex")
+        sealed = build(request.scheme, request, key.charset)
+        algorithm = key.algorithm.platform_name
+        if sealed.seal_algorithm is not None and sealed.seal_algorithm != algorithm:
+            raise InvalidArgument(
+                "sealAlgorithm",
+                f"the message asks for {sealed.seal_algorithm!r} but key {key.key_id!r} is {algorithm!r}",
+            )
+        return sealed
+
+    @staticmethod
+    def _version_asked(request, sealed: SealedText) -> int:
+        """The version the caller or the message names (0: none)."""
+        if sealed.key_version is not None and request.version and sealed.key_version != request.version:
+            raise InvalidArgument(
+                "version", f"is {request.version} but the message names keyVersion {sealed.key_version}"
+            )
+        return request.version or sealed.key_version or 0
 
     def _sealing_version(self, key: Key, version: int) -> KeyVersion:
         number = version or key.primary_version
@@ -163,12 +228,19 @@ class Sealer:
                 raise
             return fresh, choose(fresh)
 
-    def _resolve_sealing_version(self, key_id: str, version: int) -> tuple[Key, KeyVersion] | KeysvcError:
-        try:
-            key = self._sealing_key(key_id)
-            return self._with_fresh_key(key, lambda k: self._sealing_version(k, version))
-        except KeysvcError as error:
-            return error
+    def _prepare_seal(self, request: SealRequest, resolved: dict | None = None) -> tuple[Key, KeyVersion, SealedText]:
+        """The key, version and sealed bytes of one request. `resolved` memoises key and
+        version lookups across the items of a batch, which mostly share a key."""
+        resolved = {} if resolved is None else resolved
+        self._check_size(request)
+        key = _memoised(resolved, (request.key_id, request.scheme),
+                        lambda: self._sealing_key(request.key_id, request.scheme))
+        sealed = self._sealed_text(request, key)
+        if len(sealed.data) > self.max_message_bytes:
+            raise self._oversized_message()
+        version = self._version_asked(request, sealed)
+        return (*_memoised(resolved, (request.key_id, version),
+                           lambda: self._with_fresh_key(key, lambda k: self._sealing_version(k, version))), sealed)
 
     # -- sealing ----------------------------------------------------------------------
 
@@ -183,33 +255,36 @@ class Sealer:
         self._check_batch(requests)
         outcomes: list[Seal | KeysvcError | None] = [None] * len(requests)
         # Items sealed by the same key version go to the HSM together.
-        groups: dict[tuple[str, int], tuple[Key, KeyVersion, list[int]]] = {}
-        # Items of a batch mostly share a key: resolve each (key id, version) asked for once.
-        resolved: dict[tuple[str, int], tuple[Key, KeyVersion] | KeysvcError] = {}
+        groups: dict[tuple[str, int], tuple[Key, KeyVersion, list[tuple[int, SealedText]]]] = {}
+        resolved: dict = {}
         for index, request in enumerate(requests):
-            if len(request.message) > self.max_message_bytes:
-                outcomes[index] = self._oversized_message()
+            try:
+                key, version, sealed = self._prepare_seal(request, resolved)
+            except KeysvcError as error:
+                outcomes[index] = error
                 continue
-            asked = (request.key_id, request.version)
-            choice = resolved.get(asked)
-            if choice is None:
-                choice = resolved[asked] = self._resolve_sealing_version(request.key_id, request.version)
-            if isinstance(choice, KeysvcError):
-                outcomes[index] = choice
-                continue
-            key, version = choice
-            groups.setdefault((key.key_id, version.version), (key, version, []))[2].append(index)
-        for key, version, indexes in groups.values():
+            groups.setdefault((key.key_id, version.version), (key, version, []))[2].append((index, sealed))
+        for key, version, items in groups.values():
             _check_deadline(deadline)  # fails the whole call: the caller has given up on it
             try:
-                tags = self._ring.tags(key, version, (requests[i].message for i in indexes))
+                tags = self._ring.tags(key, version, (sealed.data for _, sealed in items))
             except KeysvcError as error:
-                for index in indexes:
+                for index, _sealed in items:
                     outcomes[index] = error
                 continue
-            for index, tag in zip(indexes, tags):
-                outcomes[index] = Seal(encode_tag(tag, requests[index].encoding), key.key_id, version.version)
+            for (index, sealed), tag in zip(items, tags):
+                outcomes[index] = Seal(
+                    encode_tag(tag, requests[index].encoding), key.key_id, version.version, sealed.built_data
+                )
         return outcomes
+
+    def explain(self, request: SealRequest) -> Explanation:
+        """What compute_seal would seal, with which version, algorithm and charset."""
+        key, version, sealed = self._prepare_seal(request)
+        return Explanation(
+            key_id=key.key_id, version=version.version, scheme=request.scheme,
+            algorithm=key.algorithm.platform_name, charset=key.charset.value, sealed_data=sealed.data,
+        )
 
     # -- verification -------------------------------------------------------------------
 
@@ -245,24 +320,29 @@ class Sealer:
             return [found]
         return [v for v in key.versions if v.state.can_verify]  # versions are newest first
 
-    def _matching_version(self, key: Key, candidates: list[KeyVersion], tag: bytes, message: bytes) -> int:
+    def _matching_version(self, key: Key, candidates: list[KeyVersion], tag: bytes, data: bytes) -> int:
         for candidate in candidates:
-            expected = self._ring.tags(key, candidate, [message])[0]
+            expected = self._ring.tags(key, candidate, [data])[0]
             if hmac.compare_digest(expected, tag):
                 return candidate.version
         return 0
 
     def _verify_one(self, request: VerifyRequest) -> Verification:
-        self._check_message(request.message)
+        self._check_size(request)
         tag = decode_tag(request.seal, request.encoding)
-        key = self._sealing_key(request.key_id)
-        key, candidates = self._with_fresh_key(key, lambda k: self._candidates(k, request.version))
-        matched = self._matching_version(key, candidates, tag, request.message)
+        key = self._sealing_key(request.key_id, request.scheme)
+        sealed = self._sealed_text(request, key)
+        version = self._version_asked(request, sealed)
+        key, candidates = self._with_fresh_key(key, lambda k: self._candidates(k, version))
+        matched = self._matching_version(key, candidates, tag, sealed.data)
         if not matched:
             # Perhaps another worker rotated or re-enabled a version this cache has
             # not seen yet: check the revision now rather than answer from old data.
             fresh = self._ring.refresh(key.key_id)
             if fresh is not None:
                 key = fresh
-                matched = self._matching_version(key, self._candidates(key, request.version), tag, request.message)
-        return Verification(valid=bool(matched), key_id=key.key_id, version=matched)
+                matched = self._matching_version(key, self._candidates(key, version), tag, sealed.data)
+        receipt = ""
+        if request.scheme.answers_with_receipt:
+            receipt = RECEIPT_GENUINE if matched else RECEIPT_NOT_GENUINE
+        return Verification(valid=bool(matched), key_id=key.key_id, version=matched, receipt=receipt)

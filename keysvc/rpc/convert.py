@@ -7,7 +7,7 @@ from datetime import datetime
 from google.protobuf import timestamp_pb2
 
 from keysvc.errors import InvalidArgument
-from keysvc.model import Key, KeyAlgorithm, KeyOrigin, KeyPurpose, KeyVersion, KeyVersionState
+from keysvc.model import Charset, Key, KeyAlgorithm, KeyOrigin, KeyPlatform, KeyPurpose, KeyVersion, KeyVersionState
 from keysvc.seals import SealEncoding, SealScheme
 from keysvc.v1 import keys_pb2, seals_pb2
 
@@ -16,7 +16,14 @@ ALGORITHMS = {
     keys_pb2.KEY_ALGORITHM_HMAC_SHA256: KeyAlgorithm.HMAC_SHA256,
     keys_pb2.KEY_ALGORITHM_HMAC_SHA384: KeyAlgorithm.HMAC_SHA384,
     keys_pb2.KEY_ALGORITHM_HMAC_SHA512: KeyAlgorithm.HMAC_SHA512,
+    keys_pb2.KEY_ALGORITHM_SHA256_DATA_SECRET: KeyAlgorithm.SHA256_DATA_SECRET,
 }
+PLATFORMS = {
+    keys_pb2.KEY_PLATFORM_GENERIC: KeyPlatform.GENERIC,
+    keys_pb2.KEY_PLATFORM_SIPS: KeyPlatform.SIPS,
+    keys_pb2.KEY_PLATFORM_MONETICO: KeyPlatform.MONETICO,
+}
+CHARSETS = {keys_pb2.CHARSET_UTF_8: Charset.UTF_8, keys_pb2.CHARSET_ISO_8859_1: Charset.ISO_8859_1}
 PURPOSES = {keys_pb2.KEY_PURPOSE_SEAL: KeyPurpose.SEAL}
 STATES = {
     keys_pb2.KEY_VERSION_STATE_ENABLED: KeyVersionState.ENABLED,
@@ -28,7 +35,15 @@ ORIGINS = {
     keys_pb2.KEY_ORIGIN_GENERATED: KeyOrigin.GENERATED,
     keys_pb2.KEY_ORIGIN_IMPORTED: KeyOrigin.IMPORTED,
 }
-SCHEMES = {seals_pb2.SEAL_SCHEME_HMAC: SealScheme.HMAC}
+SCHEMES = {
+    seals_pb2.SEAL_SCHEME_HMAC: SealScheme.HMAC,
+    seals_pb2.SEAL_SCHEME_SIPS_POST: SealScheme.SIPS_POST,
+    seals_pb2.SEAL_SCHEME_SIPS_JSON_REQUEST: SealScheme.SIPS_JSON_REQUEST,
+    seals_pb2.SEAL_SCHEME_SIPS_JSON_RESPONSE: SealScheme.SIPS_JSON_RESPONSE,
+    seals_pb2.SEAL_SCHEME_MONETICO: SealScheme.MONETICO,
+    seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_REQUEST: SealScheme.CMCIC_LEGACY_REQUEST,
+    seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_NOTIFICATION: SealScheme.CMCIC_LEGACY_NOTIFICATION,
+}
 ENCODINGS = {
     seals_pb2.SEAL_ENCODING_HEX: SealEncoding.HEX,
     seals_pb2.SEAL_ENCODING_BASE64: SealEncoding.BASE64,
@@ -43,6 +58,9 @@ STATE_NUMBERS = _reverse(STATES)
 ALGORITHM_NUMBERS = _reverse(ALGORITHMS)
 PURPOSE_NUMBERS = _reverse(PURPOSES)
 ORIGIN_NUMBERS = _reverse(ORIGINS)
+PLATFORM_NUMBERS = _reverse(PLATFORMS)
+CHARSET_NUMBERS = _reverse(CHARSETS)
+SCHEME_NUMBERS = _reverse(SCHEMES)
 
 
 def from_enum(table: dict, number: int, field: str, *, default=None, required: bool = False):
@@ -86,4 +104,6 @@ def key_message(key: Key) -> keys_pb2.Key:
         versions=[key_version_message(v) for v in key.versions],
         create_time=timestamp(key.created_at),
         update_time=timestamp(key.updated_at),
+        platform=PLATFORM_NUMBERS[key.platform],
+        charset=CHARSET_NUMBERS[key.charset],
     )

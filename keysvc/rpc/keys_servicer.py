@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from keysvc.keys import KeyManager
-from keysvc.model import KeyPurpose
-from keysvc.rpc.convert import ALGORITHMS, PURPOSES, STATES, from_enum, key_message
+from keysvc.keys import KeyManager, KeyProfile
+from keysvc.model import Charset, KeyPlatform, KeyPurpose
+from keysvc.rpc.convert import ALGORITHMS, CHARSETS, PLATFORMS, PURPOSES, STATES, from_enum, key_message
 from keysvc.rpc.errors import translated
 from keysvc.v1 import keys_pb2, keys_pb2_grpc
 
 
 def _purpose(number: int) -> KeyPurpose:
     return from_enum(PURPOSES, number, "purpose", default=KeyPurpose.SEAL)
+
+
+def _profile(request) -> KeyProfile | None:
+    """The profile a request asks for; None when it names none (keep or default)."""
+    if not request.platform and not request.charset:
+        return None
+    return KeyProfile(
+        from_enum(PLATFORMS, request.platform, "platform", default=KeyPlatform.GENERIC),
+        from_enum(CHARSETS, request.charset, "charset", default=Charset.UTF_8),
+    )
 
 
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
@@ -24,6 +34,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             request.name,
             _purpose(request.purpose),
             from_enum(ALGORITHMS, request.algorithm, "algorithm", required=True),
+            _profile(request) or KeyProfile(),
         )
         return keys_pb2.CreateKeyResponse(key=key_message(key))
 
@@ -47,6 +58,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             request.import_key_id,
             version=request.version,
             make_primary=request.make_primary,
+            profile=_profile(request),
         )
         return keys_pb2.ImportKeyResponse(
             key=key_message(key), version=version.version, check_value=version.check_value

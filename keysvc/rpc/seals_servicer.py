@@ -3,37 +3,39 @@
 from __future__ import annotations
 
 from keysvc.errors import KeysvcError
-from keysvc.rpc.convert import ENCODINGS, SCHEMES, from_enum
+from keysvc.rpc.convert import ENCODINGS, SCHEME_NUMBERS, SCHEMES, from_enum
 from keysvc.rpc.errors import deadline_of, status_code_of, translated
 from keysvc.seals import Seal, SealEncoding, Sealer, SealRequest, SealScheme, Verification, VerifyRequest
 from keysvc.v1 import seals_pb2, seals_pb2_grpc
 
 
-def _seal_request(message: seals_pb2.SealRequest) -> SealRequest:
-    return SealRequest(
+def _common_fields(message) -> dict:
+    """The fields SealRequest and VerifyRequest share."""
+    return dict(
         key_id=message.key_id,
         message=message.message,
         scheme=from_enum(SCHEMES, message.scheme, "scheme", default=SealScheme.HMAC),
         encoding=from_enum(ENCODINGS, message.encoding, "encoding", default=SealEncoding.HEX),
         version=message.version,
+        fields=tuple((item.name, item.value) for item in message.fields),
+        fields_json=message.fields_json,
+        encode_base64=message.encode_base64,
     )
+
+
+def _seal_request(message: seals_pb2.SealRequest) -> SealRequest:
+    return SealRequest(**_common_fields(message))
 
 
 def _verify_request(message: seals_pb2.VerifyRequest) -> VerifyRequest:
-    return VerifyRequest(
-        key_id=message.key_id,
-        message=message.message,
-        seal=message.seal,
-        scheme=from_enum(SCHEMES, message.scheme, "scheme", default=SealScheme.HMAC),
-        encoding=from_enum(ENCODINGS, message.encoding, "encoding", default=SealEncoding.HEX),
-        version=message.version,
-    )
+    return VerifyRequest(seal=message.seal, **_common_fields(message))
 
 
 def _fill_seal(target: seals_pb2.SealResponse, seal: Seal) -> seals_pb2.SealResponse:
     target.seal = seal.seal
     target.key_id = seal.key_id
     target.version = seal.version
+    target.data = seal.data
     return target
 
 
@@ -41,6 +43,7 @@ def _fill_verification(target: seals_pb2.VerifyResponse, verification: Verificat
     target.valid = verification.valid
     target.key_id = verification.key_id
     target.version = verification.version
+    target.receipt = verification.receipt
     return target
 
 
@@ -85,6 +88,18 @@ class SealServicer(seals_pb2_grpc.SealServiceServicer):
     def Verify(self, request, context):
         verification = self._sealer.verify_seal(_verify_request(request), deadline_of(context))
         return _fill_verification(seals_pb2.VerifyResponse(), verification)
+
+    @translated
+    def ExplainSeal(self, request, context):
+        explanation = self._sealer.explain(_seal_request(request))
+        return seals_pb2.ExplainSealResponse(
+            key_id=explanation.key_id,
+            version=explanation.version,
+            scheme=SCHEME_NUMBERS[explanation.scheme],
+            algorithm=explanation.algorithm,
+            charset=explanation.charset,
+            sealed_data=explanation.sealed_data,
+        )
 
     @translated
     def BatchSeal(self, request, context):

@@ -17,6 +17,20 @@ class KeyAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KEY_ALGORITHM_HMAC_SHA256: _ClassVar[KeyAlgorithm]
     KEY_ALGORITHM_HMAC_SHA384: _ClassVar[KeyAlgorithm]
     KEY_ALGORITHM_HMAC_SHA512: _ClassVar[KeyAlgorithm]
+    KEY_ALGORITHM_SHA256_DATA_SECRET: _ClassVar[KeyAlgorithm]
+
+class KeyPlatform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_PLATFORM_UNSPECIFIED: _ClassVar[KeyPlatform]
+    KEY_PLATFORM_GENERIC: _ClassVar[KeyPlatform]
+    KEY_PLATFORM_SIPS: _ClassVar[KeyPlatform]
+    KEY_PLATFORM_MONETICO: _ClassVar[KeyPlatform]
+
+class Charset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHARSET_UNSPECIFIED: _ClassVar[Charset]
+    CHARSET_UTF_8: _ClassVar[Charset]
+    CHARSET_ISO_8859_1: _ClassVar[Charset]
 
 class KeyPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +55,14 @@ KEY_ALGORITHM_HMAC_SHA1: KeyAlgorithm
 KEY_ALGORITHM_HMAC_SHA256: KeyAlgorithm
 KEY_ALGORITHM_HMAC_SHA384: KeyAlgorithm
 KEY_ALGORITHM_HMAC_SHA512: KeyAlgorithm
+KEY_ALGORITHM_SHA256_DATA_SECRET: KeyAlgorithm
+KEY_PLATFORM_UNSPECIFIED: KeyPlatform
+KEY_PLATFORM_GENERIC: KeyPlatform
+KEY_PLATFORM_SIPS: KeyPlatform
+KEY_PLATFORM_MONETICO: KeyPlatform
+CHARSET_UNSPECIFIED: Charset
+CHARSET_UTF_8: Charset
+CHARSET_ISO_8859_1: Charset
 KEY_PURPOSE_UNSPECIFIED: KeyPurpose
 KEY_PURPOSE_SEAL: KeyPurpose
 KEY_VERSION_STATE_UNSPECIFIED: KeyVersionState
@@ -69,7 +91,7 @@ class KeyVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[KeyVersionState, str]] = ..., origin: _Optional[_Union[KeyOrigin, str]] = ..., check_value: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., destroy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Key(_message.Message):
-    __slots__ = ("key_id", "merchant_id", "name", "purpose", "algorithm", "primary_version", "versions", "create_time", "update_time")
+    __slots__ = ("key_id", "merchant_id", "name", "purpose", "algorithm", "primary_version", "versions", "create_time", "update_time", "platform", "charset")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MERCHANT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +101,8 @@ class Key(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    CHARSET_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     merchant_id: str
     name: str
@@ -88,19 +112,25 @@ class Key(_message.Message):
     versions: _containers.RepeatedCompositeFieldContainer[KeyVersion]
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, key_id: _Optional[str] = ..., merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., primary_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[KeyVersion, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    platform: KeyPlatform
+    charset: Charset
+    def __init__(self, key_id: _Optional[str] = ..., merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., primary_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[KeyVersion, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., platform: _Optional[_Union[KeyPlatform, str]] = ..., charset: _Optional[_Union[Charset, str]] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("merchant_id", "name", "purpose", "algorithm")
+    __slots__ = ("merchant_id", "name", "purpose", "algorithm", "platform", "charset")
     MERCHANT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    CHARSET_FIELD_NUMBER: _ClassVar[int]
     merchant_id: str
     name: str
     purpose: KeyPurpose
     algorithm: KeyAlgorithm
-    def __init__(self, merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ...) -> None: ...
+    platform: KeyPlatform
+    charset: Charset
+    def __init__(self, merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., platform: _Optional[_Union[KeyPlatform, str]] = ..., charset: _Optional[_Union[Charset, str]] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key",)
@@ -123,7 +153,7 @@ class GetImportParametersResponse(_message.Message):
     def __init__(self, public_key_pem: _Optional[str] = ..., wrapping_algorithm: _Optional[str] = ..., import_key_id: _Optional[str] = ...) -> None: ...
 
 class ImportKeyRequest(_message.Message):
-    __slots__ = ("merchant_id", "name", "purpose", "algorithm", "wrapped_secret", "import_key_id", "version", "make_primary")
+    __slots__ = ("merchant_id", "name", "purpose", "algorithm", "wrapped_secret", "import_key_id", "version", "make_primary", "platform", "charset")
     MERCHANT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +162,8 @@ class ImportKeyRequest(_message.Message):
     IMPORT_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAKE_PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    CHARSET_FIELD_NUMBER: _ClassVar[int]
     merchant_id: str
     name: str
     purpose: KeyPurpose
@@ -140,7 +172,9 @@ class ImportKeyRequest(_message.Message):
     import_key_id: str
     version: int
     make_primary: bool
-    def __init__(self, merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., wrapped_secret: _Optional[bytes] = ..., import_key_id: _Optional[str] = ..., version: _Optional[int] = ..., make_primary: _Optional[bool] = ...) -> None: ...
+    platform: KeyPlatform
+    charset: Charset
+    def __init__(self, merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., wrapped_secret: _Optional[bytes] = ..., import_key_id: _Optional[str] = ..., version: _Optional[int] = ..., make_primary: _Optional[bool] = ..., platform: _Optional[_Union[KeyPlatform, str]] = ..., charset: _Optional[_Union[Charset, str]] = ...) -> None: ...
 
 class ImportKeyResponse(_message.Message):
     __slots__ = ("key", "version", "check_value")

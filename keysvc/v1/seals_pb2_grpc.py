@@ -56,6 +56,11 @@ class SealServiceStub:
                 request_serializer=keysvc_dot_v1_dot_seals__pb2.BatchVerifyRequest.SerializeToString,
                 response_deserializer=keysvc_dot_v1_dot_seals__pb2.BatchVerifyResponse.FromString,
                 _registered_method=True)
+        self.ExplainSeal = channel.unary_unary(
+                '/keysvc.v1.SealService/ExplainSeal',
+                request_serializer=keysvc_dot_v1_dot_seals__pb2.SealRequest.SerializeToString,
+                response_deserializer=keysvc_dot_v1_dot_seals__pb2.ExplainSealResponse.FromString,
+                _registered_method=True)
 
 
 class SealServiceServicer:
@@ -89,6 +94,14 @@ class SealServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainSeal(self, request, context):
+        """What Seal would seal for the same request: the exact bytes, the key version,
+        algorithm and charset. Never the key, never the seal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SealServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_SealServiceServicer_to_server(servicer, server):
                     servicer.BatchVerify,
                     request_deserializer=keysvc_dot_v1_dot_seals__pb2.BatchVerifyRequest.FromString,
                     response_serializer=keysvc_dot_v1_dot_seals__pb2.BatchVerifyResponse.SerializeToString,
+            ),
+            'ExplainSeal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainSeal,
+                    request_deserializer=keysvc_dot_v1_dot_seals__pb2.SealRequest.FromString,
+                    response_serializer=keysvc_dot_v1_dot_seals__pb2.ExplainSealResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class SealService:
             '/keysvc.v1.SealService/BatchVerify',
             keysvc_dot_v1_dot_seals__pb2.BatchVerifyRequest.SerializeToString,
             keysvc_dot_v1_dot_seals__pb2.BatchVerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainSeal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keysvc.v1.SealService/ExplainSeal',
+            keysvc_dot_v1_dot_seals__pb2.SealRequest.SerializeToString,
+            keysvc_dot_v1_dot_seals__pb2.ExplainSealResponse.FromString,
             options,
             channel_credentials,
             insecure,
