@@ -363,6 +363,63 @@ def test_unreachable_server_exits_2_with_error_unavailable(tmp_path):
 # -- shutdown (last: it stops the module's server) -------------------------------------------------
 
 
+# -- payment platform seals ---------------------------------------------------------------------
+
+MONETICO_KEY = "12345678901234567890123456789012345678P0"
+
+
+def test_monetico_key_import_seal_verify_with_receipt_and_explain(cli_server, merchant):
+    import hashlib
+    import hmac
+
+    from keysvc.seal_formats import decode_monetico_key
+
+    key_id = f"{merchant}/monetico"
+    imported = ok(keysvc(cli_server, "keys", "import", key_id, "--platform", "monetico", "--secret-format",
+                         "monetico", "--secret-file", "-", stdin=MONETICO_KEY + "\n"))
+    fields = ["--field", "TPE=1234567", "--field", "montant=62.75EUR", "--field", "texte-libre=Thé",
+              "--field", "version=3.0"]
+    sealed = ok(keysvc(cli_server, "seal", "compute", key_id, "--scheme", "monetico", *fields)).strip()
+    verified = ok(keysvc(cli_server, "seal", "verify", key_id, sealed.upper(), "--scheme", "monetico", *fields))
+    forged = keysvc(cli_server, "seal", "verify", key_id, sealed, "--scheme", "monetico", *fields[:-2],
+                    "--field", "version=9.9")
+    explained = ok(keysvc(cli_server, "seal", "explain", key_id, "--scheme", "monetico", *fields))
+
+    secret = decode_monetico_key(MONETICO_KEY)
+    sealed_string = "TPE=1234567*montant=62.75EUR*texte-libre=Thé*version=3.0"
+    assert hmac.new(secret, bytes(16), hashlib.sha1).digest()[:3].hex().upper() in imported
+    assert "platform   MONETICO (UTF-8)" in imported
+    assert sealed == hmac.new(secret, sealed_string.encode(), hashlib.sha1).hexdigest()
+    assert "valid (version 1)" in verified and "version=2\\ncdr=0\\n" in verified
+    assert forged.returncode == EXIT_INVALID_SEAL and "cdr=1" in forged.stdout
+    assert sealed_string in explained and "HMAC-SHA1" in explained and sealed not in explained
+
+
+def test_sips_legacy_key_import_and_sips_post_seal_from_fields(cli_server, merchant):
+    import hashlib
+
+    key_id = f"{merchant}/sips-legacy"
+    ok(keysvc(cli_server, "keys", "import", key_id, "--platform", "sips", "--algorithm", "sha256-data-secret",
+              "--secret-file", "-", stdin=SIPS_SECRET.decode() + "\n"))
+
+    result = as_json(keysvc(cli_server, "--json", "seal", "compute", key_id, "--scheme", "sips-post",
+                            "--field", "amount=100", "--field", "keyVersion=1"))
+
+    assert result["data"] == "amount=100|keyVersion=1"
+    assert result["seal"] == hashlib.sha256(b"amount=100|keyVersion=1" + SIPS_SECRET).hexdigest()
+
+
+@pytest.mark.parametrize("key_text", ["12345678901234567890123456789012345678P", "zz" * 20])
+def test_a_monetico_key_that_does_not_decode_is_refused_without_quoting_it(cli_server, merchant, key_text):
+    result = keysvc(cli_server, "keys", "import", f"{merchant}/bad", "--platform", "monetico",
+                    "--secret-format", "monetico", "--secret-file", "-", stdin=key_text)
+
+    assert result.returncode == EXIT_ERROR
+    assert "Monetico key" in result.stderr
+    assert key_text not in result.stderr + result.stdout
+
+
+# Last: it stops the module's server.
 def test_sigterm_stops_the_server_with_exit_code_0_within_10_s(cli_server, api):
     api.keys.ListKeys(keys_pb2.ListKeysRequest(page_size=1), timeout=10)
 

@@ -391,3 +391,52 @@ def test_direct_hmac_equals_python_pkcs11_sign_on_the_same_key(hsm_token, digest
         assert direct == through_python_pkcs11 == [python_hmac(secret, digest, m) for m in messages]
     finally:
         hsm_token.release_secret(handle)
+
+
+# -- exact secrets in envelopes -------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("length", [1, 7, 20, 33, 100])
+def test_enveloped_import_keeps_the_secret_exactly_for_hashing_with_data(hsm_token, length):
+    # What CKM_AES_KEY_WRAP_PAD cannot do on SoftHSM 2.6.1: it pads a 20-byte key to 24.
+    secret = os.urandom(length)
+    public_key = serialization.load_der_public_key(hsm_token.import_public_key_der)
+
+    envelope = hsm_token.envelope_imported_secret(public_key.encrypt(secret, OAEP_SHA1))
+    handle = hsm_token.load_enveloped_secret(envelope)
+    try:
+        tags = hsm_token.hash_with_secret_many(handle, hsm.Digest.SHA256, [b"", b"amount=1|keyVersion=1"])
+    finally:
+        hsm_token.release_secret(handle)
+
+    assert tags == [_sha256(secret), _sha256(b"amount=1|keyVersion=1" + secret)]
+    assert length < 8 or secret not in envelope  # a byte or a few turn up in any random blob
+
+
+def test_generated_enveloped_secret_gives_the_same_hash_each_time_it_is_loaded(hsm_token):
+    envelope = hsm_token.generate_enveloped_secret(32)
+
+    first, second = (hsm_token.load_enveloped_secret(envelope) for _ in range(2))
+
+    assert hsm_token.hash_with_secret_many(first, hsm.Digest.SHA256, [b"m"]) == \
+        hsm_token.hash_with_secret_many(second, hsm.Digest.SHA256, [b"m"])
+    assert hsm_token.hash_with_secret_many(first, hsm.Digest.SHA256, [b"m"]) != [_sha256(b"m")]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda e: e[:-1] + bytes([e[-1] ^ 1]),  # the secret's part
+    lambda e: e[:10] + bytes([e[10] ^ 1]) + e[11:],  # the private key's part
+    lambda e: b"XXXX" + e[4:],  # not an envelope
+    lambda e: e[:5],
+])
+def test_damaged_envelope_raises_unwrap_failed(hsm_token, damage):
+    envelope = hsm_token.generate_enveloped_secret(20)
+
+    with pytest.raises(hsm.HsmUnwrapFailed):
+        hsm_token.load_enveloped_secret(damage(envelope))
