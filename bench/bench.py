@@ -6,7 +6,10 @@ One run, one fresh SoftHSM token, one machine:
 - echo: bench/echo_server.py, a grpc.server built like keysvc's whose Seal answers
   a constant SealResponse: the transport limit;
 - raw HSM: a python-pkcs11 HMAC-SHA256 loop in this process on the same token:
-  the HSM limit.
+  the HSM limit;
+- payment schemes: BatchSeal of realistic SIPS, Monetico and CM-CIC messages, one
+  row per scheme, against raw-HMAC BatchSeal of the same number of bytes measured
+  alongside (the cost of building the platform's string).
 Unary cells: a grpc.aio client, N tasks in this process keeping N calls in flight,
 64-byte messages. Paired cells (echo and Seal at one concurrency; BatchSeal and raw
 HSM) are warmed up, then measured in alternating slices, so that other load on the
@@ -373,7 +376,8 @@ async def run_cells(args, keysvc: Server, echo: Server, config_path: Path, pin: 
         await interleaved([GrpcLoad(batch_cell, batch_call, keysvc, items_per_call=BATCH_ITEMS), raw],
                           args.seconds, args.warmup, args.rounds)
         progress(f"BatchSeal {batch_cell.rate:.0f} items/s, raw HSM {raw_cell.rate:.0f} ops/s")
-        return seal_cells, echo_cells, batch_cell, raw_cell
+        scheme_cells = await run_scheme_cells(args, keys, keysvc_stubs, keysvc, progress)
+        return seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells
     finally:
         if raw is not None:
             raw.close()
@@ -381,7 +385,88 @@ async def run_cells(args, keysvc: Server, echo: Server, config_path: Path, pin: 
             await channel.close()
 
 
-def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell) -> None:
+# -- payment schemes ---------------------------------------------------------------------------
+
+SIPS_FIELDS = [
+    ("amount", "12550"), ("currencyCode", "978"), ("merchantId", "002001000000001"),
+    ("normalReturnUrl", "https://shop.example/payment/return"), ("transactionReference", "TR20261127000123"),
+    ("orderId", "CMD-2026-000123"), ("customerContact.email", "client@example.fr"),
+    ("customerContact.lastname", "Dupré"), ("paymentMeanBrandList", "VISA,MASTERCARD,CB"),
+    ("keyVersion", "1"),
+]
+SIPS_JSON = (
+    '{"amount": 12550, "currencyCode": "978", "merchantId": "002001000000001", "interfaceVersion": "IR_WS_2.47",'
+    ' "normalReturnUrl": "https://shop.example/payment/return", "orderChannel": "INTERNET",'
+    ' "transactionReference": "TR20261127000123", "customerContact": {"email": "client@example.fr",'
+    ' "firstname": "Zoé", "lastname": "Dupré"}, "paymentMeanBrandList": ["VISA", "MASTERCARD", "CB"],'
+    ' "keyVersion": 1}'
+).encode()
+MONETICO_FIELDS = [
+    ("TPE", "1234567"), ("date", "27/11/2026:10:00:00"), ("montant", "125.50EUR"), ("reference", "CMD000123"),
+    ("texte-libre", "Commande de thé"), ("version", "3.0"), ("lgue", "FR"), ("societe", "monSite1"),
+    ("mail", "client@example.fr"), ("contexte_commande", "eyJiaWxsaW5nIjp7ImFkZHJlc3NMaW5lMSI6IjEgcnVlIn19"),
+    ("url_retour_ok", "https://shop.example/ok"), ("url_retour_err", "https://shop.example/err"),
+]
+CMCIC_FIELDS = [
+    ("TPE", "1234567"), ("date", "27/11/2026:10:00:00"), ("montant", "125.50"), ("devise", "EUR"),
+    ("reference", "CMD000123"), ("texte-libre", "Commande"), ("version", "3.0"), ("lgue", "FR"),
+    ("societe", "monSite1"), ("mail", "client@example.fr"),
+]
+
+
+def _fields(pairs) -> list:
+    return [seals_pb2.Field(name=name, value=value) for name, value in pairs]
+
+
+async def run_scheme_cells(args, keys, stubs, keysvc: Server, progress) -> list[tuple[Cell, Cell]]:
+    """(scheme cell, raw HMAC BatchSeal cell over messages of the same size) per payment scheme."""
+    async def create(name: str, platform: int, algorithm: int) -> str:
+        response = await keys.CreateKey(keys_pb2.CreateKeyRequest(
+            merchant_id="bench", name=name, purpose=keys_pb2.KEY_PURPOSE_SEAL, algorithm=algorithm,
+            platform=platform), timeout=CALL_TIMEOUT)
+        return response.key.key_id
+
+    sips = await create("sips", keys_pb2.KEY_PLATFORM_SIPS, keys_pb2.KEY_ALGORITHM_HMAC_SHA256)
+    legacy = await create("sips-legacy", keys_pb2.KEY_PLATFORM_SIPS, keys_pb2.KEY_ALGORITHM_SHA256_DATA_SECRET)
+    monetico = await create("monetico", keys_pb2.KEY_PLATFORM_MONETICO, keys_pb2.KEY_ALGORITHM_HMAC_SHA1)
+    generic = await create("generic", keys_pb2.KEY_PLATFORM_GENERIC, keys_pb2.KEY_ALGORITHM_HMAC_SHA256)
+    sips_data = "|".join(f"{name}={value}" for name, value in SIPS_FIELDS).encode()
+    schemes = [
+        ("SIPS POST Data, HMAC-SHA-256", dict(key_id=sips, scheme=seals_pb2.SEAL_SCHEME_SIPS_POST, message=sips_data)),
+        ("SIPS POST Data, legacy SHA-256",
+         dict(key_id=legacy, scheme=seals_pb2.SEAL_SCHEME_SIPS_POST, message=sips_data)),
+        ("SIPS POST from fields", dict(key_id=sips, scheme=seals_pb2.SEAL_SCHEME_SIPS_POST,
+                                       fields=_fields(SIPS_FIELDS))),
+        ("SIPS JSON request", dict(key_id=sips, scheme=seals_pb2.SEAL_SCHEME_SIPS_JSON_REQUEST, message=SIPS_JSON)),
+        ("Monetico 3.0", dict(key_id=monetico, scheme=seals_pb2.SEAL_SCHEME_MONETICO,
+                              fields=_fields(MONETICO_FIELDS))),
+        ("CM-CIC legacy request", dict(key_id=monetico, scheme=seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_REQUEST,
+                                       fields=_fields(CMCIC_FIELDS))),
+    ]
+
+    def batch_load(cell: Cell, request: seals_pb2.SealRequest) -> GrpcLoad:
+        batch = seals_pb2.BatchSealRequest(requests=[request] * BATCH_ITEMS)
+
+        async def call(index: int) -> int:
+            response = await stubs[index % len(stubs)].BatchSeal(batch, timeout=CALL_TIMEOUT)
+            return sum(1 for result in response.results if result.WhichOneof("outcome") != "response")
+        return GrpcLoad(cell, call, keysvc, items_per_call=BATCH_ITEMS)
+
+    pairs = []
+    for label, fields in schemes:
+        request = seals_pb2.SealRequest(**fields)
+        # The baseline: raw HMAC over as many bytes as the scheme's request carries.
+        same_size = seals_pb2.SealRequest(key_id=generic, message=os.urandom(request.ByteSize()))
+        cell = Cell(label, BATCH_IN_FLIGHT, unit="items/s")
+        baseline = Cell("  raw HMAC, same bytes", BATCH_IN_FLIGHT, unit="items/s")
+        await interleaved([batch_load(cell, request), batch_load(baseline, same_size)],
+                          args.seconds / 2, args.warmup / 2, args.rounds)
+        progress(f"{label}: {cell.rate:.0f} items/s (raw HMAC over as many bytes: {baseline.rate:.0f})")
+        pairs.append((cell, baseline))
+    return pairs
+
+
+def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells) -> None:
     def ms(value):
         return "-" if value is None else f"{value:.2f}"
 
@@ -398,6 +483,8 @@ def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell) -> None:
     for echo, seal in zip(echo_cells, seal_cells):
         rows += [echo, seal]
     rows += [batch_cell, raw_cell]
+    for scheme, baseline in scheme_cells:
+        rows += [scheme, baseline]
     for cell in rows:
         print(f"{cell.label:<34} {cell.in_flight:>9} {cell.rate:>9.0f} {cell.unit:<8} "
               f"{ms(cell.percentile_ms(0.50)):>7} {ms(cell.percentile_ms(0.99)):>7} {cell.errors:>6} "
@@ -420,6 +507,9 @@ def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell) -> None:
     verdict = "meets" if ratio >= BATCH_TARGET else "misses"
     print(f"  {'BatchSeal items/s / raw HSM ops/s':<36} {100 * ratio:6.1f}%   "
           f"target >= {100 * BATCH_TARGET:.0f}%   {verdict}")
+    for scheme, baseline in scheme_cells:
+        ratio = scheme.rate / baseline.rate if baseline.rate else 0.0
+        print(f"  {scheme.label + ' / raw HMAC':<52} {100 * ratio:6.1f}%   (no target: the cost of the format)")
 
 
 def main() -> None:
