@@ -12,7 +12,7 @@ from hsm.errors import (
     HsmUnavailable,
     HsmUnwrapFailed,
 )
-from hsm.token import DEFAULT_MODULE_PATH, Digest, Hsm, HsmConfig, SecretKeyHandle
+from hsm.token import DEFAULT_MODULE_PATH, Digest, Hsm, HsmConfig, RsaPadding, SecretKeyHandle
 
 __all__ = [
     "DEFAULT_MODULE_PATH",
@@ -26,5 +26,6 @@ __all__ = [
     "HsmStaleHandle",
     "HsmUnavailable",
     "HsmUnwrapFailed",
+    "RsaPadding",
     "SecretKeyHandle",
 ]

@@ -143,8 +143,25 @@ class HsmConfig:
     module_path: str = DEFAULT_MODULE_PATH
 
 
+class RsaPadding(enum.Enum):
+    """The RSA signature schemes: PKCS#1 v1.5, and PSS with MGF1 and salt = digest length."""
+
+    PKCS1_V15 = "PKCS1_V15"
+    PSS = "PSS"
+
+
+# DER prefixes of the DigestInfo that PKCS#1 v1.5 signs (RFC 8017, section 9.2, note 1).
+_DIGEST_INFO_PREFIXES = {
+    "SHA256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "SHA384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "SHA512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+_MGF1 = {"SHA256": MGF.SHA256, "SHA384": MGF.SHA384, "SHA512": MGF.SHA512}
+
+
 class SecretKeyHandle:
-    """A non-extractable secret key living in the HSM session, used by handle.
+    """A non-extractable key (a secret key or an RSA private key) living in the HSM
+    session, used by handle.
 
     It holds no key material, refuses pickling, and is tied to the module
     generation it was made in (a fork makes it stale).
@@ -157,7 +174,7 @@ class SecretKeyHandle:
         self.generation = generation
 
     def __repr__(self) -> str:
-        return f"SecretKeyHandle(generation={self.generation})"
+        return f"{type(self).__name__}(generation={self.generation})"
 
     def __reduce__(self):
         raise TypeError("a key handle cannot be pickled")
@@ -565,6 +582,113 @@ class Hsm:
         with self._locked() as session:
             key = self._check_current(handle)
             return [session.digest(iter([message, key]), mechanism=mechanism) for message in messages]
+
+    # -- RSA signing keys ---------------------------------------------------------------
+    #
+    # The private key is generated (or unwrapped) in the HSM and stored wrapped under the
+    # master key with CKM_AES_KEY_WRAP_PAD, like every merchant key. Its public half is
+    # returned as DER RSAPublicKey (PKCS#1); it is public.
+
+    _PRIVATE_KEY_FOR_USE = {
+        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
+        Attribute.VERIFY: DEFAULT, **_NO_EXTRA_CAPABILITIES,
+    }
+
+    def generate_wrapped_rsa_key(self, bits: int) -> tuple[bytes, bytes]:
+        """Generates an RSA key pair of `bits` in the HSM; returns (the private key
+        wrapped under the master key, the public key as DER RSAPublicKey)."""
+        with self._locked() as session:
+            self._require_token_keys()
+            public, private = session.generate_keypair(
+                KeyType.RSA, bits, store=False,
+                public_template={Attribute.VERIFY: True, Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT},
+                private_template={
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.SIGN: True,
+                    Attribute.DECRYPT: DEFAULT, Attribute.UNWRAP: DEFAULT,
+                },
+            )
+            try:
+                return (self._master_key.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD),
+                        encode_rsa_public_key(public))
+            finally:
+                public.destroy()
+                private.destroy()
+
+    def rewrap_imported_private_key(self, transport_blob: bytes) -> tuple[bytes, bytes]:
+        """Unwraps an RSA private key sent for import and returns it wrapped under the
+        master key, with its public key (DER RSAPublicKey).
+
+        `transport_blob` is an AES-256 key under the import key with RSA-OAEP (SHA-1),
+        one import-key block long, followed by the private key (PKCS#8 DER) wrapped
+        under that AES key with AES key wrap with padding (RFC 5649): the plaintext
+        key exists only inside the HSM. Raises HsmUnwrapFailed when the blob is not so
+        made or holds no RSA private key."""
+        block = IMPORT_KEY_BITS // 8
+        with self._locked():
+            self._require_token_keys()
+            if self._import_private_key is None:
+                raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+            if len(transport_blob) <= block:
+                raise HsmUnwrapFailed("the wrapped key is too short")
+            with _general_error_means_bad_wrapping():
+                transport_key = self._import_private_key.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, transport_blob[:block],
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, store=False,
+                    template={**_NO_EXTRA_CAPABILITIES, Attribute.UNWRAP: True,
+                              Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT},
+                )
+            try:
+                with _general_error_means_bad_wrapping():
+                    private = transport_key.unwrap_key(
+                        ObjectClass.PRIVATE_KEY, KeyType.RSA, transport_blob[block:],
+                        mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
+                        template={**self._PRIVATE_KEY_FOR_USE, Attribute.EXTRACTABLE: True},
+                    )
+            finally:
+                transport_key.destroy()
+            try:
+                return (self._master_key.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD),
+                        self._public_der_of(private))
+            finally:
+                private.destroy()
+
+    @staticmethod
+    def _public_der_of(private: pkcs11.PrivateKey) -> bytes:
+        # Reads the modulus and exponent, which a private key shows even when sensitive.
+        return encode_rsa_public_key(private)
+
+    def load_private_key(self, wrapped_private_key: bytes) -> SecretKeyHandle:
+        """Unwraps a master-key-wrapped RSA private key into a non-extractable session
+        key. Raises HsmUnwrapFailed when the data is damaged or from another master key."""
+        with self._locked():
+            self._require_token_keys()
+            with _general_error_means_bad_wrapping():
+                private = self._master_key.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, KeyType.RSA, wrapped_private_key,
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False, template=self._PRIVATE_KEY_FOR_USE,
+                )
+            return SecretKeyHandle(private, self.generation)
+
+    def public_key_der(self, handle: SecretKeyHandle) -> bytes:
+        """The DER RSAPublicKey of a loaded private key."""
+        with self._locked():
+            return self._public_der_of(self._check_current(handle))
+
+    def rsa_sign_digests(self, handle: SecretKeyHandle, padding: RsaPadding, digest: Digest,
+                         digests: Iterable[bytes]) -> list[bytes]:
+        """RSA signatures of precomputed `digest` hashes, made in the HSM: PKCS#1 v1.5
+        over the DigestInfo, or PSS with MGF1-`digest` and a salt as long as the hash."""
+        name = digest.name
+        if name not in _DIGEST_INFO_PREFIXES:
+            raise HsmKeyRejected(f"RSA signatures here use SHA-256, SHA-384 or SHA-512, not {name}")
+        with self._locked():
+            key = self._check_current(handle)
+            if padding is RsaPadding.PKCS1_V15:
+                prefix = _DIGEST_INFO_PREFIXES[name]
+                return [key.sign(prefix + value, mechanism=Mechanism.RSA_PKCS) for value in digests]
+            parameters = (digest.hash_mechanism, _MGF1[name], digest.digest_size)
+            return [key.sign(value, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=parameters)
+                    for value in digests]
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

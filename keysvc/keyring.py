@@ -15,12 +15,15 @@ record moved to another key or version in the database is refused.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import struct
 import threading
 import time
 from collections import OrderedDict
 from typing import Callable, Iterable, Iterator
+
+from cryptography.hazmat.primitives import serialization
 
 import hsm
 from keysvc.errors import FailedPrecondition, IntegrityError, NotFound, Unavailable
@@ -62,8 +65,19 @@ def check_value(tag_over_zero_block: bytes) -> str:
     return tag_over_zero_block[:3].hex().upper()
 
 
+def public_key_check_value(public_key_der: bytes) -> str:
+    """An RSA key's check value: the first 3 bytes of SHA-256 over its public key
+    (DER SubjectPublicKeyInfo), as hex."""
+    spki = serialization.load_der_public_key(public_key_der).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()[:3].hex().upper()
+
+
 def load_handle(token: hsm.Hsm, algorithm: KeyAlgorithm, wrapped_key: bytes) -> hsm.SecretKeyHandle:
     """Unwraps stored key material of `algorithm` into the HSM session."""
+    if algorithm.is_rsa:
+        return token.load_private_key(wrapped_key)
     if algorithm.is_hmac:
         return token.load_secret(wrapped_key)
     return token.load_enveloped_secret(wrapped_key)
@@ -97,6 +111,8 @@ class KeyRing:
         self._lock = threading.Lock()
         self._keys: dict[str, tuple[Key, float]] = {}
         self._handles: OrderedDict[tuple[str, int], hsm.SecretKeyHandle] = OrderedDict()
+        # Public, so never released; a destroyed version's stays harmlessly.
+        self._public_keys: dict[tuple[str, int], bytes] = {}
 
     # -- metadata -----------------------------------------------------------------------
 
@@ -195,20 +211,40 @@ class KeyRing:
         self._free(evicted)
         return handle
 
-    def tags(self, key: Key, version: KeyVersion, messages: Iterable[bytes]) -> list[bytes]:
-        """The key version's tag (HMAC, or legacy hash) of each message, computed in the HSM."""
-        messages = list(messages)
+    def _use(self, key: Key, version: KeyVersion, use: Callable[[hsm.SecretKeyHandle], object]):
+        """use(handle) on the version's loaded key, in the HSM, reloading it once when the
+        module was re-initialised (after a fork or an HSM failure) since it was cached."""
         for _attempt in range(2):
             # Held from lookup to use, so that no other thread releases the handle in between.
             with self._hsm.exclusive():
                 handle = self._handle(key, version)
                 try:
                     with hsm_errors():
-                        return compute_tags(self._hsm, handle, key.algorithm, messages)
+                        return use(handle)
                 except Unavailable:
                     if handle.generation == self._hsm.generation:
                         raise
-                # The module was re-initialised (after a fork or an HSM failure): drop the
-                # stale handle and load the key again.
+                # Stale: drop the handle and load the key again.
                 self._release_where(lambda k, v: (k, v) == (key.key_id, version.version))
         raise Unavailable("the HSM is unavailable: key handle could not be reloaded")
+
+    def tags(self, key: Key, version: KeyVersion, messages: Iterable[bytes]) -> list[bytes]:
+        """The key version's tag (HMAC, or legacy hash) of each message, computed in the HSM."""
+        messages = list(messages)
+        return self._use(key, version, lambda handle: compute_tags(self._hsm, handle, key.algorithm, messages))
+
+    def signatures(self, key: Key, version: KeyVersion, padding: hsm.RsaPadding, digest: hsm.Digest,
+                   digests: list[bytes]) -> list[bytes]:
+        """The RSA key version's signature of each precomputed hash, made in the HSM."""
+        return self._use(key, version, lambda handle: self._hsm.rsa_sign_digests(handle, padding, digest, digests))
+
+    def public_key_der(self, key: Key, version: KeyVersion) -> bytes:
+        """The RSA key version's public key (DER RSAPublicKey), cached with its handle."""
+        name = (key.key_id, version.version)
+        with self._lock:
+            found = self._public_keys.get(name)
+        if found is None:
+            found = self._use(key, version, self._hsm.public_key_der)
+            with self._lock:
+                self._public_keys[name] = found
+        return found

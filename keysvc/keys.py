@@ -30,6 +30,7 @@ from keysvc.keyring import (
     compute_tags,
     hsm_errors,
     load_handle,
+    public_key_check_value,
 )
 from keysvc.model import (
     PLATFORM_ALGORITHMS,
@@ -51,6 +52,8 @@ MAX_VERSION = 2**31 - 1
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 IMPORT_WRAPPING_ALGORITHM = "RSA_OAEP_SHA1"
+# RSA private keys travel as RSA_OAEP_SHA1(an AES-256 key) ‖ RFC 5649 wrap of the PKCS#8 under it.
+PRIVATE_KEY_WRAPPING_ALGORITHM = "RSA_AES_KEY_WRAP_SHA1"
 # Names the import key pair on the token; a new pair would get a new id.
 IMPORT_KEY_ID = hsm.token.IMPORT_KEY_LABEL
 SETTABLE_STATES = (KeyVersionState.ENABLED, KeyVersionState.VERIFY_ONLY, KeyVersionState.DISABLED)
@@ -61,6 +64,7 @@ class ImportParameters:
     public_key_pem: str
     wrapping_algorithm: str
     import_key_id: str
+    private_key_wrapping_algorithm: str
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,15 @@ def parse_key_id(key_id: str) -> tuple[str, str]:
     return merchant_id, name
 
 
-def validate_profile(platform: KeyPlatform, algorithm: KeyAlgorithm) -> None:
-    """A key's platform decides which algorithms it may have."""
+def validate_profile(platform: KeyPlatform, algorithm: KeyAlgorithm, purpose: KeyPurpose = KeyPurpose.SEAL) -> None:
+    """A key's purpose and platform decide which algorithms it may have."""
+    if purpose is KeyPurpose.SIGN or algorithm.is_rsa:
+        if not algorithm.is_rsa or purpose is not KeyPurpose.SIGN:
+            raise InvalidArgument("algorithm", "a SIGN key is RSA_2048, RSA_3072 or RSA_4096, and only a SIGN "
+                                               "key is RSA")
+        if platform is not KeyPlatform.GENERIC:
+            raise InvalidArgument("platform", "a SIGN key serves no payment platform: leave it GENERIC")
+        return
     allowed = PLATFORM_ALGORITHMS[platform]
     if algorithm not in allowed:
         names = ", ".join(a.value for a in allowed)
@@ -125,6 +136,11 @@ class KeyManager:
 
     def _check_value(self, algorithm: KeyAlgorithm, wrapped_key: bytes) -> str:
         handle = load_handle(self._hsm, algorithm, wrapped_key)
+        if algorithm.is_rsa:
+            try:
+                return public_key_check_value(self._hsm.public_key_der(handle))
+            finally:
+                self._hsm.release_secret(handle)
         try:
             return check_value(compute_tags(self._hsm, handle, algorithm, [CHECK_VALUE_MESSAGE])[0])
         finally:
@@ -132,8 +148,11 @@ class KeyManager:
 
     def _generate_material(self, algorithm: KeyAlgorithm) -> NewMaterial:
         # As long as the digest: the most HMAC uses, and the least SoftHSM accepts.
-        length = algorithm.digest.digest_size
         with hsm_errors():
+            if algorithm.is_rsa:
+                wrapped, _public = self._hsm.generate_wrapped_rsa_key(algorithm.rsa_bits)
+                return NewMaterial(wrapped, self._check_value(algorithm, wrapped), KeyOrigin.GENERATED)
+            length = algorithm.digest.digest_size
             if algorithm.is_hmac:
                 wrapped = self._hsm.generate_wrapped_secret(length)
             else:
@@ -143,6 +162,8 @@ class KeyManager:
     def _imported_material(self, algorithm: KeyAlgorithm, wrapped_secret: bytes) -> NewMaterial:
         if not wrapped_secret:
             raise InvalidArgument("wrapped_secret", "is required")
+        if algorithm.is_rsa:
+            return self._imported_private_key(algorithm, wrapped_secret)
         digest = algorithm.digest
         try:
             if algorithm.is_hmac:
@@ -172,6 +193,23 @@ class KeyManager:
             raise Unavailable(f"the HSM is unavailable: {error}") from None
         with hsm_errors():
             return NewMaterial(wrapped, self._check_value(algorithm, wrapped), KeyOrigin.IMPORTED)
+
+    def _imported_private_key(self, algorithm: KeyAlgorithm, transport_blob: bytes) -> NewMaterial:
+        try:
+            wrapped, public_der = self._hsm.rewrap_imported_private_key(transport_blob)
+        except hsm.HsmUnwrapFailed:
+            raise InvalidArgument(
+                "wrapped_secret",
+                f"could not be unwrapped: send an AES-256 key wrapped with {IMPORT_WRAPPING_ALGORITHM} under "
+                "the import key, followed by the PKCS#8 private key wrapped under it with AES key wrap with "
+                f"padding ({PRIVATE_KEY_WRAPPING_ALGORITHM})",
+            ) from None
+        except hsm.HsmError as error:
+            raise Unavailable(f"the HSM is unavailable: {error}") from None
+        bits = serialization.load_der_public_key(public_der).key_size
+        if bits != algorithm.rsa_bits:
+            raise InvalidArgument("wrapped_secret", f"holds an RSA-{bits} key, not {algorithm.value}")
+        return NewMaterial(wrapped, public_key_check_value(public_der), KeyOrigin.IMPORTED)
 
     def _new_version(self, key: Key, number: int, material: NewMaterial) -> KeyVersion:
         version = KeyVersion(
@@ -216,7 +254,7 @@ class KeyManager:
         InvalidArgument when the algorithm does not suit the platform."""
         validate_merchant_id(merchant_id)
         validate_key_name(name)
-        validate_profile(profile.platform, algorithm)
+        validate_profile(profile.platform, algorithm, purpose)
         if self._store.load_revision(make_key_id(merchant_id, name)) is not None:
             raise AlreadyExists(f"key {make_key_id(merchant_id, name)!r} already exists")
         material = self._generate_material(algorithm)
@@ -232,7 +270,7 @@ class KeyManager:
         pem = public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ).decode()
-        return ImportParameters(pem, IMPORT_WRAPPING_ALGORITHM, IMPORT_KEY_ID)
+        return ImportParameters(pem, IMPORT_WRAPPING_ALGORITHM, IMPORT_KEY_ID, PRIVATE_KEY_WRAPPING_ALGORITHM)
 
     def import_key(
         self,
@@ -275,7 +313,7 @@ class KeyManager:
                 )
             algorithm = existing.algorithm
         profile = profile or KeyProfile()
-        validate_profile(profile.platform, algorithm)
+        validate_profile(profile.platform, algorithm, purpose)
         material = self._imported_material(algorithm, wrapped_secret)
         if existing is None:
             number = version or 1

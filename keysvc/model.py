@@ -18,14 +18,27 @@ class KeyAlgorithm(enum.Enum):
     HMAC_SHA512 = "HMAC_SHA512"
     # SHA-256(message ‖ secret): the legacy SIPS seal, from before SIPS used HMAC.
     SHA256_DATA_SECRET = "SHA256_DATA_SECRET"
+    # RSA signing key pairs.
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
 
     @property
     def digest(self) -> Digest:
+        """The hash of a sealing algorithm (signing algorithms choose theirs per call)."""
         return _DIGESTS[self]
 
     @property
     def is_hmac(self) -> bool:
-        return self is not KeyAlgorithm.SHA256_DATA_SECRET
+        return self.value.startswith("HMAC")
+
+    @property
+    def is_rsa(self) -> bool:
+        return self.value.startswith("RSA")
+
+    @property
+    def rsa_bits(self) -> int:
+        return int(self.value.removeprefix("RSA_"))
 
     @property
     def platform_name(self) -> str:
@@ -46,7 +59,11 @@ _PLATFORM_NAMES = {
     KeyAlgorithm.HMAC_SHA384: "HMAC-SHA-384",
     KeyAlgorithm.HMAC_SHA512: "HMAC-SHA-512",
     KeyAlgorithm.SHA256_DATA_SECRET: "SHA-256",
+    KeyAlgorithm.RSA_2048: "RSA-2048",
+    KeyAlgorithm.RSA_3072: "RSA-3072",
+    KeyAlgorithm.RSA_4096: "RSA-4096",
 }
+RSA_ALGORITHMS = (KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.RSA_4096)
 
 
 class KeyPlatform(enum.Enum):
@@ -79,7 +96,8 @@ class Charset(enum.Enum):
 
 
 class KeyPurpose(enum.Enum):
-    SEAL = "SEAL"
+    SEAL = "SEAL"  # message seals (MACs): HMAC and the platforms' formats
+    SIGN = "SIGN"  # RSA signatures
 
 
 class KeyVersionState(enum.Enum):

@@ -27,6 +27,7 @@ from keysvc.config import Settings
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager
 from keysvc.seals import Sealer
+from keysvc.signing import Signer
 from keysvc.store import KeyStore
 
 log = logging.getLogger("keysvc")
@@ -40,6 +41,7 @@ class Services:
     store: KeyStore
     keys: KeyManager
     sealer: Sealer
+    signer: Signer
 
 
 def prepare(settings: Settings) -> None:
@@ -62,7 +64,7 @@ def open_services(settings: Settings) -> Services:
     sealer = Sealer(
         ring, max_message_bytes=settings.max_seal_message_bytes, max_batch_items=settings.max_batch_items
     )
-    return Services(store, KeyManager(token, store, ring), sealer)
+    return Services(store, KeyManager(token, store, ring), sealer, Signer(ring))
 
 
 def _stop_event_on_signals() -> threading.Event:
@@ -82,7 +84,9 @@ def serve_here(settings: Settings, on_ready=None) -> None:
         reflection=settings.reflection,
         reuse_port=settings.workers > 1,
     )
-    server, port, health_servicer = create_server(settings.listen, services.keys, services.sealer, options)
+    server, port, health_servicer = create_server(
+        settings.listen, services.keys, services.sealer, options, signer=services.signer
+    )
     stop = _stop_event_on_signals()
     server.start()
     if on_ready is not None:

@@ -23,6 +23,7 @@ import hsm
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager
 from keysvc.seals import Sealer
+from keysvc.signing import Signer
 from keysvc.store import KeyStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,12 +208,13 @@ class Domain:
     ring: KeyRing
     keys: KeyManager
     sealer: Sealer
+    signer: Signer
 
 
 def make_domain(token_connection: hsm.Hsm, database_url: str) -> Domain:
     store = KeyStore.open(database_url)
     ring = KeyRing(token_connection, store)
-    return Domain(token_connection, store, ring, KeyManager(token_connection, store, ring), Sealer(ring))
+    return Domain(token_connection, store, ring, KeyManager(token_connection, store, ring), Sealer(ring), Signer(ring))
 
 
 @pytest.fixture
@@ -234,6 +236,7 @@ class RunningServer:
     keys: object
     seals: object
     health: object
+    signing: object
 
 
 @pytest.fixture
@@ -242,11 +245,11 @@ def server(domain):
     import grpc
 
     from keysvc.rpc.server import ServerOptions, create_server
-    from keysvc.v1 import keys_pb2_grpc, seals_pb2_grpc
+    from keysvc.v1 import keys_pb2_grpc, seals_pb2_grpc, signing_pb2_grpc
     from grpc_health.v1 import health_pb2_grpc
 
     grpc_server, port, _health = create_server(
-        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False)
+        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False), signer=domain.signer
     )
     grpc_server.start()
     address = f"127.0.0.1:{port}"
@@ -256,6 +259,7 @@ def server(domain):
         keys_pb2_grpc.KeyServiceStub(channel),
         seals_pb2_grpc.SealServiceStub(channel),
         health_pb2_grpc.HealthStub(channel),
+        signing_pb2_grpc.SigningServiceStub(channel),
     )
     channel.close()
     grpc_server.stop(None)

@@ -26,7 +26,8 @@ from tests.servers import start_keysvc_server, stop_keysvc_server
 @pytest.fixture
 def postgres_server(hsm_token, postgres_url):
     domain = make_domain(hsm_token, postgres_url)
-    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False))
+    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False),
+                                        signer=domain.signer)
     grpc_server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield keys_pb2_grpc.KeyServiceStub(channel), seals_pb2_grpc.SealServiceStub(channel), postgres_url
@@ -75,7 +76,8 @@ def test_key_record_moved_to_another_version_is_refused_with_data_loss(hsm_token
             .values(wrapped_key=v1.wrapped_key, binding_tag=v1.binding_tag)
         )
     reader = make_domain(hsm_token, sqlite_url)  # a fresh process's view: nothing cached
-    grpc_server, port, _ = create_server("127.0.0.1:0", reader.keys, reader.sealer, ServerOptions(reuse_port=False))
+    grpc_server, port, _ = create_server("127.0.0.1:0", reader.keys, reader.sealer, ServerOptions(reuse_port=False),
+                                        signer=reader.signer)
     grpc_server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -671,7 +671,8 @@ def test_reflection_describes_the_key_service_file(server):
 
 def test_reflection_turned_off_is_unimplemented_while_seals_still_work(domain, merchant):
     grpc_server, port, _ = create_server(
-        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reflection=False, reuse_port=False)
+        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reflection=False, reuse_port=False),
+        signer=domain.signer,
     )
     grpc_server.start()
     try:

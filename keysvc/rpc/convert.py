@@ -9,7 +9,8 @@ from google.protobuf import timestamp_pb2
 from keysvc.errors import InvalidArgument
 from keysvc.model import Charset, Key, KeyAlgorithm, KeyOrigin, KeyPlatform, KeyPurpose, KeyVersion, KeyVersionState
 from keysvc.seals import SealEncoding, SealScheme
-from keysvc.v1 import keys_pb2, seals_pb2
+from keysvc.signing import SignatureAlgorithm
+from keysvc.v1 import keys_pb2, seals_pb2, signing_pb2
 
 ALGORITHMS = {
     keys_pb2.KEY_ALGORITHM_HMAC_SHA1: KeyAlgorithm.HMAC_SHA1,
@@ -17,6 +18,9 @@ ALGORITHMS = {
     keys_pb2.KEY_ALGORITHM_HMAC_SHA384: KeyAlgorithm.HMAC_SHA384,
     keys_pb2.KEY_ALGORITHM_HMAC_SHA512: KeyAlgorithm.HMAC_SHA512,
     keys_pb2.KEY_ALGORITHM_SHA256_DATA_SECRET: KeyAlgorithm.SHA256_DATA_SECRET,
+    keys_pb2.KEY_ALGORITHM_RSA_2048: KeyAlgorithm.RSA_2048,
+    keys_pb2.KEY_ALGORITHM_RSA_3072: KeyAlgorithm.RSA_3072,
+    keys_pb2.KEY_ALGORITHM_RSA_4096: KeyAlgorithm.RSA_4096,
 }
 PLATFORMS = {
     keys_pb2.KEY_PLATFORM_GENERIC: KeyPlatform.GENERIC,
@@ -24,7 +28,7 @@ PLATFORMS = {
     keys_pb2.KEY_PLATFORM_MONETICO: KeyPlatform.MONETICO,
 }
 CHARSETS = {keys_pb2.CHARSET_UTF_8: Charset.UTF_8, keys_pb2.CHARSET_ISO_8859_1: Charset.ISO_8859_1}
-PURPOSES = {keys_pb2.KEY_PURPOSE_SEAL: KeyPurpose.SEAL}
+PURPOSES = {keys_pb2.KEY_PURPOSE_SEAL: KeyPurpose.SEAL, keys_pb2.KEY_PURPOSE_SIGN: KeyPurpose.SIGN}
 STATES = {
     keys_pb2.KEY_VERSION_STATE_ENABLED: KeyVersionState.ENABLED,
     keys_pb2.KEY_VERSION_STATE_VERIFY_ONLY: KeyVersionState.VERIFY_ONLY,
@@ -44,6 +48,14 @@ SCHEMES = {
     seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_REQUEST: SealScheme.CMCIC_LEGACY_REQUEST,
     seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_NOTIFICATION: SealScheme.CMCIC_LEGACY_NOTIFICATION,
 }
+SIGNATURE_ALGORITHMS = {
+    signing_pb2.SIGNATURE_ALGORITHM_RSA_PSS_SHA256: SignatureAlgorithm.RSA_PSS_SHA256,
+    signing_pb2.SIGNATURE_ALGORITHM_RSA_PSS_SHA384: SignatureAlgorithm.RSA_PSS_SHA384,
+    signing_pb2.SIGNATURE_ALGORITHM_RSA_PSS_SHA512: SignatureAlgorithm.RSA_PSS_SHA512,
+    signing_pb2.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256: SignatureAlgorithm.RSA_PKCS1_V15_SHA256,
+    signing_pb2.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA384: SignatureAlgorithm.RSA_PKCS1_V15_SHA384,
+    signing_pb2.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA512: SignatureAlgorithm.RSA_PKCS1_V15_SHA512,
+}
 ENCODINGS = {
     seals_pb2.SEAL_ENCODING_HEX: SealEncoding.HEX,
     seals_pb2.SEAL_ENCODING_BASE64: SealEncoding.BASE64,
@@ -61,6 +73,7 @@ ORIGIN_NUMBERS = _reverse(ORIGINS)
 PLATFORM_NUMBERS = _reverse(PLATFORMS)
 CHARSET_NUMBERS = _reverse(CHARSETS)
 SCHEME_NUMBERS = _reverse(SCHEMES)
+SIGNATURE_ALGORITHM_NUMBERS = _reverse(SIGNATURE_ALGORITHMS)
 
 
 def from_enum(table: dict, number: int, field: str, *, default=None, required: bool = False):

@@ -44,6 +44,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         return keys_pb2.GetImportParametersResponse(
             public_key_pem=parameters.public_key_pem,
             wrapping_algorithm=parameters.wrapping_algorithm,
+            private_key_wrapping_algorithm=parameters.private_key_wrapping_algorithm,
             import_key_id=parameters.import_key_id,
         )
 

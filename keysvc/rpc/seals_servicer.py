@@ -53,7 +53,7 @@ def _fill_item_error(target: seals_pb2.ItemError, error: KeysvcError) -> None:
     target.message = error.message
 
 
-def _answer_batch(messages, parse, run, fill, response):
+def answer_batch(messages, parse, run, fill, response):
     """Parses each item (one that does not parse fails alone), runs the parsed ones
     in one domain call, and fills `response.results` item by item in request order."""
     answers: dict[int, object] = {}
@@ -104,7 +104,7 @@ class SealServicer(seals_pb2_grpc.SealServiceServicer):
     @translated
     def BatchSeal(self, request, context):
         deadline = deadline_of(context)
-        return _answer_batch(
+        return answer_batch(
             request.requests, _seal_request, lambda items: self._sealer.compute_seals(items, deadline),
             _fill_seal, seals_pb2.BatchSealResponse(),
         )
@@ -112,7 +112,7 @@ class SealServicer(seals_pb2_grpc.SealServiceServicer):
     @translated
     def BatchVerify(self, request, context):
         deadline = deadline_of(context)
-        return _answer_batch(
+        return answer_batch(
             request.requests, _verify_request, lambda items: self._sealer.verify_seals(items, deadline),
             _fill_verification, seals_pb2.BatchVerifyResponse(),
         )

@@ -12,12 +12,15 @@ from grpc_reflection.v1alpha import reflection
 from keysvc.keys import KeyManager
 from keysvc.rpc.keys_servicer import KeyServicer
 from keysvc.rpc.seals_servicer import SealServicer
+from keysvc.rpc.signing_servicer import SigningServicer
 from keysvc.seals import Sealer
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+from keysvc.signing import Signer
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 SERVICE_NAMES = (
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
     seals_pb2.DESCRIPTOR.services_by_name["SealService"].full_name,
+    signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
 )
 
 
@@ -56,13 +59,15 @@ def listen(server: grpc.Server, address: str) -> int:
 
 
 def create_server(
-    address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions()
+    address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions(),
+    *, signer: Signer,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to `address` ('host:0' picks a port), not yet started.
     Returns the server, the bound port and its health servicer."""
     server = new_grpc_server(options)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
+    signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(signer), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

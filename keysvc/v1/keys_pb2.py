@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14keysvc/v1/keys.proto\x12\tkeysvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x01\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.keysvc.v1.KeyVersionState\x12$\n\x06origin\x18\x03 \x01(\x0e\x32\x14.keysvc.v1.KeyOrigin\x12\x13\n\x0b\x63heck_value\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroy_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xff\x02\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12&\n\x07purpose\x18\x04 \x01(\x0e\x32\x15.keysvc.v1.KeyPurpose\x12*\n\talgorithm\x18\x05 \x01(\x0e\x32\x17.keysvc.v1.KeyAlgorithm\x12\x17\n\x0fprimary_version\x18\x06 \x01(\r\x12\'\n\x08versions\x18\x07 \x03(\x0b\x32\x15.keysvc.v1.KeyVersion\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08platform\x18\n \x01(\x0e\x32\x16.keysvc.v1.KeyPlatform\x12#\n\x07\x63harset\x18\x0b \x01(\x0e\x32\x12.keysvc.v1.Charset\"\xd8\x01\n\x10\x43reateKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x07purpose\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.KeyPurpose\x12*\n\talgorithm\x18\x04 \x01(\x0e\x32\x17.keysvc.v1.KeyAlgorithm\x12(\n\x08platform\x18\x05 \x01(\x0e\x32\x16.keysvc.v1.KeyPlatform\x12#\n\x07\x63harset\x18\x06 \x01(\x0e\x32\x12.keysvc.v1.Charset\"0\n\x11\x43reateKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\"\x1c\n\x1aGetImportParametersRequest\"h\n\x1bGetImportParametersResponse\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x1a\n\x12wrapping_algorithm\x18\x02 \x01(\t\x12\x15\n\rimport_key_id\x18\x03 \x01(\t\"\xae\x02\n\x10ImportKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x07purpose\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.KeyPurpose\x12*\n\talgorithm\x18\x04 \x01(\x0e\x32\x17.keysvc.v1.KeyAlgorithm\x12\x16\n\x0ewrapped_secret\x18\x05 \x01(\x0c\x12\x15\n\rimport_key_id\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\r\x12\x14\n\x0cmake_primary\x18\x08 \x01(\x08\x12(\n\x08platform\x18\t \x01(\x0e\x32\x16.keysvc.v1.KeyPlatform\x12#\n\x07\x63harset\x18\n \x01(\x0e\x32\x12.keysvc.v1.Charset\"V\n\x11ImportKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x63heck_value\x18\x03 \x01(\t\"\"\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"A\n\x11RotateKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"-\n\x0eGetKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\"M\n\x0fListKeysRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListKeysResponse\x12\x1c\n\x04keys\x18\x01 \x03(\x0b\x32\x0e.keysvc.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x19SetKeyVersionStateRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.keysvc.v1.KeyVersionState\"9\n\x1aSetKeyVersionStateResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\";\n\x18SetPrimaryVersionRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x19SetPrimaryVersionResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\";\n\x18\x44\x65stroyKeyVersionRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x19\x44\x65stroyKeyVersionResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key*\xcd\x01\n\x0cKeyAlgorithm\x12\x1d\n\x19KEY_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1b\n\x17KEY_ALGORITHM_HMAC_SHA1\x10\x01\x12\x1d\n\x19KEY_ALGORITHM_HMAC_SHA256\x10\x02\x12\x1d\n\x19KEY_ALGORITHM_HMAC_SHA384\x10\x03\x12\x1d\n\x19KEY_ALGORITHM_HMAC_SHA512\x10\x04\x12$\n KEY_ALGORITHM_SHA256_DATA_SECRET\x10\x05*w\n\x0bKeyPlatform\x12\x1c\n\x18KEY_PLATFORM_UNSPECIFIED\x10\x00\x12\x18\n\x14KEY_PLATFORM_GENERIC\x10\x01\x12\x15\n\x11KEY_PLATFORM_SIPS\x10\x02\x12\x19\n\x15KEY_PLATFORM_MONETICO\x10\x03*M\n\x07\x43harset\x12\x17\n\x13\x43HARSET_UNSPECIFIED\x10\x00\x12\x11\n\rCHARSET_UTF_8\x10\x01\x12\x16\n\x12\x43HARSET_ISO_8859_1\x10\x02*?\n\nKeyPurpose\x12\x1b\n\x17KEY_PURPOSE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_PURPOSE_SEAL\x10\x01*\xb7\x01\n\x0fKeyVersionState\x12!\n\x1dKEY_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19KEY_VERSION_STATE_ENABLED\x10\x01\x12!\n\x1dKEY_VERSION_STATE_VERIFY_ONLY\x10\x02\x12\x1e\n\x1aKEY_VERSION_STATE_DISABLED\x10\x03\x12\x1f\n\x1bKEY_VERSION_STATE_DESTROYED\x10\x04*Z\n\tKeyOrigin\x12\x1a\n\x16KEY_ORIGIN_UNSPECIFIED\x10\x00\x12\x18\n\x14KEY_ORIGIN_GENERATED\x10\x01\x12\x17\n\x13KEY_ORIGIN_IMPORTED\x10\x02\x32\xf1\x05\n\nKeyService\x12\x46\n\tCreateKey\x12\x1b.keysvc.v1.CreateKeyRequest\x1a\x1c.keysvc.v1.CreateKeyResponse\x12\x64\n\x13GetImportParameters\x12%.keysvc.v1.GetImportParametersRequest\x1a&.keysvc.v1.GetImportParametersResponse\x12\x46\n\tImportKey\x12\x1b.keysvc.v1.ImportKeyRequest\x1a\x1c.keysvc.v1.ImportKeyResponse\x12\x46\n\tRotateKey\x12\x1b.keysvc.v1.RotateKeyRequest\x1a\x1c.keysvc.v1.RotateKeyResponse\x12=\n\x06GetKey\x12\x18.keysvc.v1.GetKeyRequest\x1a\x19.keysvc.v1.GetKeyResponse\x12\x43\n\x08ListKeys\x12\x1a.keysvc.v1.ListKeysRequest\x1a\x1b.keysvc.v1.ListKeysResponse\x12\x61\n\x12SetKeyVersionState\x12$.keysvc.v1.SetKeyVersionStateRequest\x1a%.keysvc.v1.SetKeyVersionStateResponse\x12^\n\x11SetPrimaryVersion\x12#.keysvc.v1.SetPrimaryVersionRequest\x1a$.keysvc.v1.SetPrimaryVersionResponse\x12^\n\x11\x44\x65stroyKeyVersion\x12#.keysvc.v1.DestroyKeyVersionRequest\x1a$.keysvc.v1.DestroyKeyVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14keysvc/v1/keys.proto\x12\tkeysvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x01\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.keysvc.v1.KeyVersionState\x12$\n\x06origin\x18\x03 \x01(\x0e\x32\x14.keysvc.v1.KeyOrigin\x12\x13\n\x0b\x63heck_value\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroy_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xff\x02\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12&\n\x07purpose\x18\x04 \x01(\x0e\x32\x15.keysvc.v1.KeyPurpose\x12*\n\talgorithm\x18\x05 \x01(\x0e\x32\x17.keysvc.v1.KeyAlgorithm\x12\x17\n\x0fprimary_version\x18\x06 \x01(\r\x12\'\n\x08versions\x18\x07 \x03(\x0b\x32\x15.keysvc.v1.KeyVersion\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08platform\x18\n \x01(\x0e\x32\x16.keysvc.v1.KeyPlatform\x12#\n\x07\x63harset\x18\x0b \x01(\x0e\x32\x12.keysvc.v1.Charset\"\xd8\x01\n\x10\x43reateKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x07purpose\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.KeyPurpose\x12*\n\talgorithm\x18\x04 \x01(\x0e\x32\x17.keysvc.v1.KeyAlgorithm\x12(\n\x08platform\x18\x05 \x01(\x0e\x32\x16.keysvc.v1.KeyPlatform\x12#\n\x07\x63harset\x18\x06 \x01(\x0e\x32\x12.keysvc.v1.Charset\"0\n\x11\x43reateKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\"\x1c\n\x1aGetImportParametersRequest\"\x90\x01\n\x1bGetImportParametersResponse\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x1a\n\x12wrapping_algorithm\x18\x02 \x01(\t\x12\x15\n\rimport_key_id\x18\x03 \x01(\t\x12&\n\x1eprivate_key_wrapping_algorithm\x18\x04 \x01(\t\"\xae\x02\n\x10ImportKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x07purpose\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.KeyPurpose\x12*\n\talgorithm\x18\x04 \x01(\x0e\x32\x17.keysvc.v1.KeyAlgorithm\x12\x16\n\x0ewrapped_secret\x18\x05 \x01(\x0c\x12\x15\n\rimport_key_id\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\r\x12\x14\n\x0cmake_primary\x18\x08 \x01(\x08\x12(\n\x08platform\x18\t \x01(\x0e\x32\x16.keysvc.v1.KeyPlatform\x12#\n\x07\x63harset\x18\n \x01(\x0e\x32\x12.keysvc.v1.Charset\"V\n\x11ImportKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x63heck_value\x18\x03 \x01(\t\"\"\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"A\n\x11RotateKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"-\n\x0eGetKeyResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\"M\n\x0fListKeysRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListKeysResponse\x12\x1c\n\x04keys\x18\x01 \x03(\x0b\x32\x0e.keysvc.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x19SetKeyVersionStateRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.keysvc.v1.KeyVersionState\"9\n\x1aSetKeyVersionStateResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\";\n\x18SetPrimaryVersionRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x19SetPrimaryVersionResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key\";\n\x18\x44\x65stroyKeyVersionRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"8\n\x19\x44\x65stroyKeyVersionResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.keysvc.v1.Key*\xa1\x02\n\x0cKeyAlgorithm\x12\x1d\n\x19KEY_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1b\n\x17KEY_ALGORITHM_HMAC_SHA1\x10\x01\x12\x1d\n\x19KEY_ALGORITHM_HMAC_SHA256\x10\x02\x12\x1d\n\x19KEY_ALGORITHM_HMAC_SHA384\x10\x03\x12\x1d\n\x19KEY_ALGORITHM_HMAC_SHA512\x10\x04\x12$\n KEY_ALGORITHM_SHA256_DATA_SECRET\x10\x05\x12\x1a\n\x16KEY_ALGORITHM_RSA_2048\x10\x06\x12\x1a\n\x16KEY_ALGORITHM_RSA_3072\x10\x07\x12\x1a\n\x16KEY_ALGORITHM_RSA_4096\x10\x08*w\n\x0bKeyPlatform\x12\x1c\n\x18KEY_PLATFORM_UNSPECIFIED\x10\x00\x12\x18\n\x14KEY_PLATFORM_GENERIC\x10\x01\x12\x15\n\x11KEY_PLATFORM_SIPS\x10\x02\x12\x19\n\x15KEY_PLATFORM_MONETICO\x10\x03*M\n\x07\x43harset\x12\x17\n\x13\x43HARSET_UNSPECIFIED\x10\x00\x12\x11\n\rCHARSET_UTF_8\x10\x01\x12\x16\n\x12\x43HARSET_ISO_8859_1\x10\x02*U\n\nKeyPurpose\x12\x1b\n\x17KEY_PURPOSE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_PURPOSE_SEAL\x10\x01\x12\x14\n\x10KEY_PURPOSE_SIGN\x10\x02*\xb7\x01\n\x0fKeyVersionState\x12!\n\x1dKEY_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19KEY_VERSION_STATE_ENABLED\x10\x01\x12!\n\x1dKEY_VERSION_STATE_VERIFY_ONLY\x10\x02\x12\x1e\n\x1aKEY_VERSION_STATE_DISABLED\x10\x03\x12\x1f\n\x1bKEY_VERSION_STATE_DESTROYED\x10\x04*Z\n\tKeyOrigin\x12\x1a\n\x16KEY_ORIGIN_UNSPECIFIED\x10\x00\x12\x18\n\x14KEY_ORIGIN_GENERATED\x10\x01\x12\x17\n\x13KEY_ORIGIN_IMPORTED\x10\x02\x32\xf1\x05\n\nKeyService\x12\x46\n\tCreateKey\x12\x1b.keysvc.v1.CreateKeyRequest\x1a\x1c.keysvc.v1.CreateKeyResponse\x12\x64\n\x13GetImportParameters\x12%.keysvc.v1.GetImportParametersRequest\x1a&.keysvc.v1.GetImportParametersResponse\x12\x46\n\tImportKey\x12\x1b.keysvc.v1.ImportKeyRequest\x1a\x1c.keysvc.v1.ImportKeyResponse\x12\x46\n\tRotateKey\x12\x1b.keysvc.v1.RotateKeyRequest\x1a\x1c.keysvc.v1.RotateKeyResponse\x12=\n\x06GetKey\x12\x18.keysvc.v1.GetKeyRequest\x1a\x19.keysvc.v1.GetKeyResponse\x12\x43\n\x08ListKeys\x12\x1a.keysvc.v1.ListKeysRequest\x1a\x1b.keysvc.v1.ListKeysResponse\x12\x61\n\x12SetKeyVersionState\x12$.keysvc.v1.SetKeyVersionStateRequest\x1a%.keysvc.v1.SetKeyVersionStateResponse\x12^\n\x11SetPrimaryVersion\x12#.keysvc.v1.SetPrimaryVersionRequest\x1a$.keysvc.v1.SetPrimaryVersionResponse\x12^\n\x11\x44\x65stroyKeyVersion\x12#.keysvc.v1.DestroyKeyVersionRequest\x1a$.keysvc.v1.DestroyKeyVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keysvc.v1.keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYALGORITHM']._serialized_start=2225
-  _globals['_KEYALGORITHM']._serialized_end=2430
-  _globals['_KEYPLATFORM']._serialized_start=2432
-  _globals['_KEYPLATFORM']._serialized_end=2551
-  _globals['_CHARSET']._serialized_start=2553
-  _globals['_CHARSET']._serialized_end=2630
-  _globals['_KEYPURPOSE']._serialized_start=2632
-  _globals['_KEYPURPOSE']._serialized_end=2695
-  _globals['_KEYVERSIONSTATE']._serialized_start=2698
-  _globals['_KEYVERSIONSTATE']._serialized_end=2881
-  _globals['_KEYORIGIN']._serialized_start=2883
-  _globals['_KEYORIGIN']._serialized_end=2973
+  _globals['_KEYALGORITHM']._serialized_start=2266
+  _globals['_KEYALGORITHM']._serialized_end=2555
+  _globals['_KEYPLATFORM']._serialized_start=2557
+  _globals['_KEYPLATFORM']._serialized_end=2676
+  _globals['_CHARSET']._serialized_start=2678
+  _globals['_CHARSET']._serialized_end=2755
+  _globals['_KEYPURPOSE']._serialized_start=2757
+  _globals['_KEYPURPOSE']._serialized_end=2842
+  _globals['_KEYVERSIONSTATE']._serialized_start=2845
+  _globals['_KEYVERSIONSTATE']._serialized_end=3028
+  _globals['_KEYORIGIN']._serialized_start=3030
+  _globals['_KEYORIGIN']._serialized_end=3120
   _globals['_KEYVERSION']._serialized_start=69
   _globals['_KEYVERSION']._serialized_end=299
   _globals['_KEY']._serialized_start=302
@@ -54,36 +54,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEKEYRESPONSE']._serialized_end=954
   _globals['_GETIMPORTPARAMETERSREQUEST']._serialized_start=956
   _globals['_GETIMPORTPARAMETERSREQUEST']._serialized_end=984
-  _globals['_GETIMPORTPARAMETERSRESPONSE']._serialized_start=986
-  _globals['_GETIMPORTPARAMETERSRESPONSE']._serialized_end=1090
-  _globals['_IMPORTKEYREQUEST']._serialized_start=1093
-  _globals['_IMPORTKEYREQUEST']._serialized_end=1395
-  _globals['_IMPORTKEYRESPONSE']._serialized_start=1397
-  _globals['_IMPORTKEYRESPONSE']._serialized_end=1483
-  _globals['_ROTATEKEYREQUEST']._serialized_start=1485
-  _globals['_ROTATEKEYREQUEST']._serialized_end=1519
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=1521
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=1586
-  _globals['_GETKEYREQUEST']._serialized_start=1588
-  _globals['_GETKEYREQUEST']._serialized_end=1619
-  _globals['_GETKEYRESPONSE']._serialized_start=1621
-  _globals['_GETKEYRESPONSE']._serialized_end=1666
-  _globals['_LISTKEYSREQUEST']._serialized_start=1668
-  _globals['_LISTKEYSREQUEST']._serialized_end=1745
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1747
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1820
-  _globals['_SETKEYVERSIONSTATEREQUEST']._serialized_start=1822
-  _globals['_SETKEYVERSIONSTATEREQUEST']._serialized_end=1925
-  _globals['_SETKEYVERSIONSTATERESPONSE']._serialized_start=1927
-  _globals['_SETKEYVERSIONSTATERESPONSE']._serialized_end=1984
-  _globals['_SETPRIMARYVERSIONREQUEST']._serialized_start=1986
-  _globals['_SETPRIMARYVERSIONREQUEST']._serialized_end=2045
-  _globals['_SETPRIMARYVERSIONRESPONSE']._serialized_start=2047
-  _globals['_SETPRIMARYVERSIONRESPONSE']._serialized_end=2103
-  _globals['_DESTROYKEYVERSIONREQUEST']._serialized_start=2105
-  _globals['_DESTROYKEYVERSIONREQUEST']._serialized_end=2164
-  _globals['_DESTROYKEYVERSIONRESPONSE']._serialized_start=2166
-  _globals['_DESTROYKEYVERSIONRESPONSE']._serialized_end=2222
-  _globals['_KEYSERVICE']._serialized_start=2976
-  _globals['_KEYSERVICE']._serialized_end=3729
+  _globals['_GETIMPORTPARAMETERSRESPONSE']._serialized_start=987
+  _globals['_GETIMPORTPARAMETERSRESPONSE']._serialized_end=1131
+  _globals['_IMPORTKEYREQUEST']._serialized_start=1134
+  _globals['_IMPORTKEYREQUEST']._serialized_end=1436
+  _globals['_IMPORTKEYRESPONSE']._serialized_start=1438
+  _globals['_IMPORTKEYRESPONSE']._serialized_end=1524
+  _globals['_ROTATEKEYREQUEST']._serialized_start=1526
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1560
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1562
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1627
+  _globals['_GETKEYREQUEST']._serialized_start=1629
+  _globals['_GETKEYREQUEST']._serialized_end=1660
+  _globals['_GETKEYRESPONSE']._serialized_start=1662
+  _globals['_GETKEYRESPONSE']._serialized_end=1707
+  _globals['_LISTKEYSREQUEST']._serialized_start=1709
+  _globals['_LISTKEYSREQUEST']._serialized_end=1786
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1788
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1861
+  _globals['_SETKEYVERSIONSTATEREQUEST']._serialized_start=1863
+  _globals['_SETKEYVERSIONSTATEREQUEST']._serialized_end=1966
+  _globals['_SETKEYVERSIONSTATERESPONSE']._serialized_start=1968
+  _globals['_SETKEYVERSIONSTATERESPONSE']._serialized_end=2025
+  _globals['_SETPRIMARYVERSIONREQUEST']._serialized_start=2027
+  _globals['_SETPRIMARYVERSIONREQUEST']._serialized_end=2086
+  _globals['_SETPRIMARYVERSIONRESPONSE']._serialized_start=2088
+  _globals['_SETPRIMARYVERSIONRESPONSE']._serialized_end=2144
+  _globals['_DESTROYKEYVERSIONREQUEST']._serialized_start=2146
+  _globals['_DESTROYKEYVERSIONREQUEST']._serialized_end=2205
+  _globals['_DESTROYKEYVERSIONRESPONSE']._serialized_start=2207
+  _globals['_DESTROYKEYVERSIONRESPONSE']._serialized_end=2263
+  _globals['_KEYSERVICE']._serialized_start=3123
+  _globals['_KEYSERVICE']._serialized_end=3876
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,9 @@ class KeyAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KEY_ALGORITHM_HMAC_SHA384: _ClassVar[KeyAlgorithm]
     KEY_ALGORITHM_HMAC_SHA512: _ClassVar[KeyAlgorithm]
     KEY_ALGORITHM_SHA256_DATA_SECRET: _ClassVar[KeyAlgorithm]
+    KEY_ALGORITHM_RSA_2048: _ClassVar[KeyAlgorithm]
+    KEY_ALGORITHM_RSA_3072: _ClassVar[KeyAlgorithm]
+    KEY_ALGORITHM_RSA_4096: _ClassVar[KeyAlgorithm]
 
 class KeyPlatform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +39,7 @@ class KeyPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KEY_PURPOSE_UNSPECIFIED: _ClassVar[KeyPurpose]
     KEY_PURPOSE_SEAL: _ClassVar[KeyPurpose]
+    KEY_PURPOSE_SIGN: _ClassVar[KeyPurpose]
 
 class KeyVersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -56,6 +60,9 @@ KEY_ALGORITHM_HMAC_SHA256: KeyAlgorithm
 KEY_ALGORITHM_HMAC_SHA384: KeyAlgorithm
 KEY_ALGORITHM_HMAC_SHA512: KeyAlgorithm
 KEY_ALGORITHM_SHA256_DATA_SECRET: KeyAlgorithm
+KEY_ALGORITHM_RSA_2048: KeyAlgorithm
+KEY_ALGORITHM_RSA_3072: KeyAlgorithm
+KEY_ALGORITHM_RSA_4096: KeyAlgorithm
 KEY_PLATFORM_UNSPECIFIED: KeyPlatform
 KEY_PLATFORM_GENERIC: KeyPlatform
 KEY_PLATFORM_SIPS: KeyPlatform
@@ -65,6 +72,7 @@ CHARSET_UTF_8: Charset
 CHARSET_ISO_8859_1: Charset
 KEY_PURPOSE_UNSPECIFIED: KeyPurpose
 KEY_PURPOSE_SEAL: KeyPurpose
+KEY_PURPOSE_SIGN: KeyPurpose
 KEY_VERSION_STATE_UNSPECIFIED: KeyVersionState
 KEY_VERSION_STATE_ENABLED: KeyVersionState
 KEY_VERSION_STATE_VERIFY_ONLY: KeyVersionState
@@ -143,14 +151,16 @@ class GetImportParametersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetImportParametersResponse(_message.Message):
-    __slots__ = ("public_key_pem", "wrapping_algorithm", "import_key_id")
+    __slots__ = ("public_key_pem", "wrapping_algorithm", "import_key_id", "private_key_wrapping_algorithm")
     PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     WRAPPING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     IMPORT_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_WRAPPING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     public_key_pem: str
     wrapping_algorithm: str
     import_key_id: str
-    def __init__(self, public_key_pem: _Optional[str] = ..., wrapping_algorithm: _Optional[str] = ..., import_key_id: _Optional[str] = ...) -> None: ...
+    private_key_wrapping_algorithm: str
+    def __init__(self, public_key_pem: _Optional[str] = ..., wrapping_algorithm: _Optional[str] = ..., import_key_id: _Optional[str] = ..., private_key_wrapping_algorithm: _Optional[str] = ...) -> None: ...
 
 class ImportKeyRequest(_message.Message):
     __slots__ = ("merchant_id", "name", "purpose", "algorithm", "wrapped_secret", "import_key_id", "version", "make_primary", "platform", "charset")
