@@ -78,3 +78,24 @@ def import_secret(domain, merchant, name, secret, algorithm=KeyAlgorithm.HMAC_SH
     wrapped = pem_public_key(parameters).encrypt(secret, OAEP_SHA1)
     return domain.keys.import_key(merchant, name, KeyPurpose.SEAL, algorithm, wrapped, parameters.import_key_id,
                                   **options)
+
+
+def wrap_private_key_for_import(parameters, private_key_pkcs8: bytes) -> bytes:
+    """An RSA private key (PKCS#8 DER) as ImportKey takes it (RSA_AES_KEY_WRAP_SHA1): a fresh
+    AES-256 key under the import key with RSA-OAEP-SHA1, then the key wrapped under it (RFC 5649)."""
+    import os
+
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+
+    transport_key = os.urandom(32)
+    return pem_public_key(parameters).encrypt(transport_key, OAEP_SHA1) + aes_key_wrap_with_padding(
+        transport_key, private_key_pkcs8
+    )
+
+
+def import_private_key(domain, merchant, name, private_key_pkcs8: bytes, algorithm, **options):
+    """KeyManager.import_key of a known RSA private key: (key, version)."""
+    parameters = domain.keys.import_parameters()
+    return domain.keys.import_key(merchant, name, KeyPurpose.SIGN, algorithm,
+                                  wrap_private_key_for_import(parameters, private_key_pkcs8),
+                                  parameters.import_key_id, **options)
