@@ -413,6 +413,19 @@ CMCIC_FIELDS = [
     ("societe", "monSite1"), ("mail", "client@example.fr"),
 ]
 
+CMCIC_NOTIFICATION_FIELDS = [
+    ("TPE", "1234567"), ("date", "27/11/2026_a_10:00:00"), ("montant", "125.50EUR"), ("reference", "CMD000123"),
+    ("texte-libre", "Commande"), ("version", "3.0"), ("code-retour", "paiement"), ("cvx", "oui"), ("vld", "1228"),
+    ("brand", "VI"), ("status3ds", "1"), ("numauto", "010101"), ("originecb", "FRA"), ("bincb", "497010"),
+    ("ipclient", "192.0.2.1"), ("originetr", "FRA"),
+]
+SIPS_JSON_RESPONSE = (
+    '{"redirectionData": "4AgbsrffvPgzDghQysbOJIZBJTZsk1KNlTmoOCtSORkMfzQgSR5OEw0gAE2bAAFbHuYQXuBm",'
+    ' "redirectionStatusCode": "00", "redirectionStatusMessage": "INITIALISATION REQUEST ACCEPTED",'
+    ' "redirectionUrl": "https://payment-gateway.example/", "redirectionVersion": "IR_WS_2.0",'
+    ' "keyVersion": 1, "seal": "c3eb508b0d419e3bd2bb1a0416c2a48585fa6d683aa8d1a3dfba8ee877079f9f"}'
+).encode()
+
 
 def _fields(pairs) -> list:
     return [seals_pb2.Field(name=name, value=value) for name, value in pairs]
@@ -442,6 +455,10 @@ async def run_scheme_cells(args, keys, stubs, keysvc: Server, progress) -> list[
                               fields=_fields(MONETICO_FIELDS))),
         ("CM-CIC legacy request", dict(key_id=monetico, scheme=seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_REQUEST,
                                        fields=_fields(CMCIC_FIELDS))),
+        ("CM-CIC legacy notification", dict(key_id=monetico, scheme=seals_pb2.SEAL_SCHEME_CMCIC_LEGACY_NOTIFICATION,
+                                            fields=_fields(CMCIC_NOTIFICATION_FIELDS))),
+        ("SIPS JSON response", dict(key_id=sips, scheme=seals_pb2.SEAL_SCHEME_SIPS_JSON_RESPONSE,
+                                    message=SIPS_JSON_RESPONSE)),
     ]
 
     def batch_load(cell: Cell, request: seals_pb2.SealRequest) -> GrpcLoad:

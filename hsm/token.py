@@ -52,6 +52,8 @@ IMPORT_KEY_BITS = 3072
 # under RSA-OAEP. The one-off key pair is RSA-2048: one pair per secret, used once.
 ENVELOPE_MARKER = b"KSE1"
 ENVELOPE_KEY_BITS = 2048
+# What RSA-OAEP with SHA-1 carries under a 2048-bit key: 256 - 2 * 20 - 2 bytes.
+MAX_ENVELOPED_SECRET_BYTES = ENVELOPE_KEY_BITS // 8 - 2 * 20 - 2
 _OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
 
 # One lock for every PKCS#11 call in the process, whatever object makes it.

@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 
 from keysvc import config as config_module
 from keysvc.seal_formats import decode_monetico_key
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 ALGORITHM_CHOICES = {
     "hmac-sha1": keys_pb2.KEY_ALGORITHM_HMAC_SHA1,
@@ -31,6 +31,14 @@ ALGORITHM_CHOICES = {
     "hmac-sha384": keys_pb2.KEY_ALGORITHM_HMAC_SHA384,
     "hmac-sha512": keys_pb2.KEY_ALGORITHM_HMAC_SHA512,
     "sha256-data-secret": keys_pb2.KEY_ALGORITHM_SHA256_DATA_SECRET,
+    "rsa-2048": keys_pb2.KEY_ALGORITHM_RSA_2048,
+    "rsa-3072": keys_pb2.KEY_ALGORITHM_RSA_3072,
+    "rsa-4096": keys_pb2.KEY_ALGORITHM_RSA_4096,
+}
+PURPOSE_CHOICES = {"seal": keys_pb2.KEY_PURPOSE_SEAL, "sign": keys_pb2.KEY_PURPOSE_SIGN}
+SIGNATURE_ALGORITHM_CHOICES = {
+    name.removeprefix("SIGNATURE_ALGORITHM_").lower().replace("_", "-"): number
+    for name, number in signing_pb2.SignatureAlgorithm.items() if number
 }
 PLATFORM_CHOICES = {
     "generic": keys_pb2.KEY_PLATFORM_GENERIC,
@@ -74,6 +82,7 @@ class Client:
         self.channel = grpc.insecure_channel(server)
         self.keys = keys_pb2_grpc.KeyServiceStub(self.channel)
         self.seals = seals_pb2_grpc.SealServiceStub(self.channel)
+        self.signing = signing_pb2_grpc.SigningServiceStub(self.channel)
         self.timeout = timeout
 
 
@@ -226,12 +235,16 @@ def _existing_key(ctx: click.Context, key_id: str) -> keys_pb2.Key | None:
 @keys.command("create")
 @click.argument("key_id")
 @_with_profile_options
+@click.option("--purpose", type=click.Choice(list(PURPOSE_CHOICES)), default="seal", show_default=True,
+              help="sign: an RSA signing key (--algorithm rsa-2048, rsa-3072 or rsa-4096).")
 @click.pass_context
-def keys_create(ctx, key_id, platform, charset, algorithm) -> None:
+def keys_create(ctx, key_id, platform, charset, algorithm, purpose) -> None:
     """Create KEY_ID (MERCHANT_ID/NAME) with a version 1 generated in the HSM."""
     merchant_id, name = _split_key_id(key_id)
+    if purpose == "sign" and algorithm is None:
+        algorithm = "rsa-2048"
     response = _call(ctx, _client(ctx).keys.CreateKey, keys_pb2.CreateKeyRequest(
-        merchant_id=merchant_id, name=name, purpose=keys_pb2.KEY_PURPOSE_SEAL,
+        merchant_id=merchant_id, name=name, purpose=PURPOSE_CHOICES[purpose],
         algorithm=_algorithm_number(platform, algorithm), **_profile_fields(platform, charset)))
     _print(ctx, response.key, describe_key(response.key))
 
@@ -261,10 +274,10 @@ def read_secret(secret_file, secret_format: str) -> bytes:
 @click.argument("key_id")
 @click.option("--secret-file", type=click.File("rb"), required=True,
               help="File holding the secret the bank handed out ('-' for standard input).")
-@click.option("--secret-format", type=click.Choice(["text", "hex", "base64", "monetico"]), default="text",
-              show_default=True,
-              help="text: the secret string's UTF-8 bytes, as SIPS uses it; monetico: the 40-character "
-                   "Monetico / CM-CIC key, decoded to its 20 bytes as the kits do.")
+@click.option("--secret-format", type=click.Choice(["text", "hex", "base64", "monetico"]), default=None,
+              help="text (default): the secret string's UTF-8 bytes, as SIPS uses it; monetico (the default, "
+                   "and the only text form, for Monetico keys): the 40-character Monetico / CM-CIC key, "
+                   "decoded to its 20 bytes as the kits do.")
 @_with_profile_options
 @click.option("--version", type=int, default=0, help="The bank's version number (default: the next).")
 @click.option("--make-primary", is_flag=True, help="Seal with this version from now on.")
@@ -278,10 +291,15 @@ def keys_import(ctx, key_id, secret_file, secret_format, platform, charset, algo
     is. The printed check value is compared with one computed here from the secret.
     """
     merchant_id, name = _split_key_id(key_id)
-    secret = read_secret(secret_file, secret_format)
+    existing = _existing_key(ctx, key_id)
+    monetico = platform == "monetico" or (existing is not None and existing.platform == keys_pb2.KEY_PLATFORM_MONETICO)
+    if monetico and secret_format == "text":
+        # Its 40 characters are not the key: they encode the 20 bytes that are.
+        raise click.BadParameter("a Monetico key is read with --secret-format monetico (or hex of its 20 bytes)",
+                                 param_hint="--secret-format")
+    secret = read_secret(secret_file, secret_format or ("monetico" if monetico else "text"))
     if not secret:
         raise click.BadParameter("the secret is empty", param_hint="--secret-file")
-    existing = _existing_key(ctx, key_id)
     if existing is not None and algorithm is None:
         algorithm_number = existing.algorithm  # a new version of the key as it is
     else:
@@ -482,6 +500,106 @@ def seal_explain(ctx, key_id, **options) -> None:
         f"sealed     {len(response.sealed_data)} bytes:",
         text,
     ]))
+
+
+# -- signatures --------------------------------------------------------------------------------
+
+
+def _signed_input(message, message_file, digest) -> dict:
+    given = [value is not None for value in (message, message_file, digest)]
+    if sum(given) != 1:
+        raise click.UsageError("give exactly one of --message, --message-file and --digest")
+    if digest is not None:
+        try:
+            return {"digest": bytes.fromhex(digest)}
+        except ValueError:
+            raise click.BadParameter("must be hex", param_hint="--digest") from None
+    return {"message": message.encode() if message is not None else message_file.read()}
+
+
+_signature_options = [
+    click.option("--algorithm", type=click.Choice(list(SIGNATURE_ALGORITHM_CHOICES)), default="rsa-pss-sha256",
+                 show_default=True),
+    click.option("--message", default=None, help="The message, as UTF-8 text."),
+    click.option("--message-file", type=click.File("rb"), default=None, help="The message bytes ('-': stdin)."),
+    click.option("--digest", default=None, help="The message's hash (hex) instead of the message."),
+    click.option("--version", type=int, default=0, help="A given version (default: primary / all)."),
+]
+
+
+def _with_signature_options(command):
+    for option in reversed(_signature_options):
+        command = option(command)
+    return command
+
+
+@main.command("sign")
+@click.argument("key_id")
+@_with_signature_options
+@click.pass_context
+def sign(ctx, key_id, algorithm, message, message_file, digest, version) -> None:
+    """Sign a message (or its hash) with KEY_ID's RSA key in the HSM; prints the signature in base64."""
+    response = _call(ctx, _client(ctx).signing.Sign, signing_pb2.SignRequest(
+        key_id=key_id, algorithm=SIGNATURE_ALGORITHM_CHOICES[algorithm], version=version,
+        **_signed_input(message, message_file, digest)))
+    _print(ctx, response, base64.b64encode(response.signature).decode())
+
+
+@main.command("verify-signature")
+@click.argument("key_id")
+@click.argument("signature")
+@_with_signature_options
+@click.pass_context
+def verify_signature(ctx, key_id, signature, algorithm, message, message_file, digest, version) -> None:
+    """Check a base64 SIGNATURE; exit 0 when valid, 1 when not."""
+    try:
+        signature_bytes = base64.b64decode(signature, validate=True)
+    except (ValueError, binascii.Error):
+        raise click.BadParameter("must be base64", param_hint="SIGNATURE") from None
+    response = _call(ctx, _client(ctx).signing.Verify, signing_pb2.VerifySignatureRequest(
+        key_id=key_id, algorithm=SIGNATURE_ALGORITHM_CHOICES[algorithm], version=version,
+        signature=signature_bytes, **_signed_input(message, message_file, digest)))
+    _print(ctx, response, f"valid (version {response.version})" if response.valid else "INVALID")
+    if not response.valid:
+        ctx.exit(EXIT_INVALID_SEAL)
+
+
+@keys.command("public-key")
+@click.argument("key_id")
+@click.option("--version", type=int, default=0, help="Default: the primary.")
+@click.option("--jwk", is_flag=True, help="Print the JSON Web Key instead of PEM.")
+@click.option("--algorithm", type=click.Choice(list(SIGNATURE_ALGORITHM_CHOICES)), default="rsa-pss-sha256",
+              show_default=True, help="The JWK's alg.")
+@click.pass_context
+def keys_public_key(ctx, key_id, version, jwk, algorithm) -> None:
+    """Print a signing key's public key (PEM SubjectPublicKeyInfo, or JWK)."""
+    response = _call(ctx, _client(ctx).signing.GetPublicKey, signing_pb2.GetPublicKeyRequest(
+        key_id=key_id, version=version, algorithm=SIGNATURE_ALGORITHM_CHOICES[algorithm]))
+    _print(ctx, response, response.jwk if jwk else response.public_key_pem.rstrip("\n"))
+
+
+@keys.command("csr")
+@click.argument("key_id")
+@click.option("--subject", required=True, help="RFC 4514 name, e.g. 'CN=shop.example,O=Shop SA,C=FR'.")
+@click.option("--dns", "dns_names", multiple=True, help="A DNS subject alternative name (repeatable).")
+@click.option("--ip", "ip_addresses", multiple=True, help="An IP address alternative name (repeatable).")
+@click.option("--uri", "uris", multiple=True, help="A URI alternative name (repeatable).")
+@click.option("--email", "emails", multiple=True, help="An e-mail alternative name (repeatable).")
+@click.option("--version", type=int, default=0, help="Default: the primary.")
+@click.option("--algorithm", type=click.Choice(list(SIGNATURE_ALGORITHM_CHOICES)), default="rsa-pkcs1-v15-sha256",
+              show_default=True)
+@click.option("--self-signed", is_flag=True, help="A self-signed certificate (for tests) instead of a CSR.")
+@click.option("--days", type=int, default=30, show_default=True, help="Validity of a self-signed certificate.")
+@click.pass_context
+def keys_csr(ctx, key_id, subject, dns_names, ip_addresses, uris, emails, version, algorithm, self_signed,
+             days) -> None:
+    """Print a PKCS#10 CSR (or a self-signed certificate) for a signing key, signed in the HSM."""
+    client = _client(ctx)
+    method = client.signing.CreateSelfSignedCertificate if self_signed else client.signing.CreateCertificateSigningRequest
+    response = _call(ctx, method, signing_pb2.CreateCertificateRequest(
+        key_id=key_id, version=version, subject=subject, dns_names=dns_names, ip_addresses=ip_addresses, uris=uris,
+        emails=emails, algorithm=SIGNATURE_ALGORITHM_CHOICES[algorithm], days=days))
+    _print(ctx, response, response.pem.rstrip("\n"))
 
 
 if __name__ == "__main__":

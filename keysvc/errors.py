@@ -7,12 +7,19 @@ Messages are written for the caller to act on and never carry a secret or a PAN.
 from __future__ import annotations
 
 
+def _encodable(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (a lone surrogate from a JSON escape in a
+    field name) escaped, so that the error can always be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class KeysvcError(Exception):
     """Base of every error the domain raises on purpose."""
 
     reason = "KEYSVC_ERROR"
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
+        message = _encodable(message)
         super().__init__(message)
         self.message = message
         if reason is not None:
@@ -26,7 +33,7 @@ class InvalidArgument(KeysvcError):
 
     def __init__(self, field: str, message: str, *, reason: str | None = None) -> None:
         super().__init__(f"{field}: {message}", reason=reason)
-        self.field = field
+        self.field = _encodable(field)
 
 
 class NotFound(KeysvcError):

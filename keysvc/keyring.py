@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 import hsm
 from keysvc.errors import FailedPrecondition, IntegrityError, NotFound, Unavailable
-from keysvc.model import Key, KeyAlgorithm, KeyVersion
+from keysvc.model import Charset, Key, KeyAlgorithm, KeyPlatform, KeyVersion
 from keysvc.store import KeyStore
 
 CHECK_VALUE_MESSAGE = bytes(16)
@@ -56,6 +56,11 @@ def binding_message(key: Key, version: KeyVersion) -> bytes:
         version.wrapping_key_label.encode(),
         version.wrapped_key or b"",
     ]
+    if (key.platform, key.charset) != (KeyPlatform.GENERIC, Charset.UTF_8):
+        # The profile too, so a record cannot be moved to another platform or charset.
+        # Only when it is not the default, which keeps the tags of keys made before
+        # profiles existed valid.
+        parts += [key.platform.value.encode(), key.charset.value.encode()]
     return b"keysvc-binding-v1" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
 
 

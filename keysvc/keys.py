@@ -183,6 +183,12 @@ class KeyManager:
                 f"import its {digest.name} hash instead, which HMAC uses in its place (RFC 2104)",
             ) from None
         except hsm.HsmKeyRejected:
+            if not algorithm.is_hmac:  # hashed as data: padding would change it
+                raise InvalidArgument(
+                    "wrapped_secret",
+                    f"a {algorithm.value} secret must be 1 to {hsm.token.MAX_ENVELOPED_SECRET_BYTES} bytes, "
+                    "wrapped exactly as it is",
+                ) from None
             raise InvalidArgument(
                 "wrapped_secret",
                 f"the HSM refuses this secret for {algorithm.value}: it must be {digest.digest_size} "

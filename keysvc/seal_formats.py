@@ -89,6 +89,10 @@ def build(scheme: SealScheme, request, charset: Charset) -> SealedText:
         return _sips_json(request.message, charset, response=scheme is SealScheme.SIPS_JSON_RESPONSE)
     if request.message or request.fields_json:
         raise InvalidArgument("fields", f"{scheme.value} seals are built from the form fields: give them in fields")
+    if request.encode_base64:
+        raise InvalidArgument("encode_base64", "applies to SIPS_POST only")
+    if not request.fields:
+        raise InvalidArgument("fields", f"is required: the {scheme.value} form fields")
     if scheme is SealScheme.MONETICO:
         return _monetico(_unique_fields(request.fields), charset)
     if scheme is SealScheme.CMCIC_LEGACY_REQUEST:
@@ -166,6 +170,8 @@ def _sips_post_as_posted(message: bytes, base64_encoded: bool) -> SealedText:
     named: dict[str, str] = {}
     for pair in text.decode("utf-8", errors="replace").split("|"):
         name, _equals, value = pair.partition("=")
+        if name in named and name in ("keyVersion", "sealAlgorithm"):
+            raise InvalidArgument("message", f"Data names {name} twice")
         named.setdefault(name, value)
     return SealedText(
         message,
@@ -195,10 +201,12 @@ def _flatten_fields_json(fields_json: str) -> list[tuple[str, str]]:
                 pairs.append((name, rendered))
 
     for name, value in document.items():
+        if not name:
+            raise InvalidArgument("fields_json", "a field has no name")
         add(name, value)
     if len(pairs) > MAX_FIELDS:
         raise InvalidArgument("fields_json", f"holds more than {MAX_FIELDS} fields")
-    return pairs
+    return _unique_fields(pairs)  # {"a.b": 1, "a": {"b": 2}} would name a.b twice
 
 
 def _post_scalar(value, path: str) -> str | None:
@@ -226,7 +234,7 @@ def _load_json_object(text: bytes, field_name: str) -> dict:
 
     try:
         document = json.loads(
-            text, object_pairs_hook=no_duplicates, parse_int=_JsonNumber, parse_float=_JsonNumber,
+            text.decode("utf-8"), object_pairs_hook=no_duplicates, parse_int=_JsonNumber, parse_float=_JsonNumber,
             parse_constant=lambda name: _refuse_constant(name, field_name),
         )
     except (UnicodeDecodeError, ValueError):
@@ -266,10 +274,14 @@ def _sips_json(message: bytes, charset: Charset, *, response: bool) -> SealedTex
     algorithm = document.get("sealAlgorithm")
     if algorithm is not None and not isinstance(algorithm, str):
         raise InvalidArgument("message.sealAlgorithm", "must be a string such as 'HMAC-SHA-256'")
+    if not algorithm and not response:
+        # A request that names none asks for HMAC-SHA-256; a response that names none
+        # is sealed with the request's algorithm, which is the key's.
+        algorithm = SIPS_JSON_DEFAULT_ALGORITHM
     return SealedText(
         _encode("".join(values), charset, "message"),
         key_version=_key_version(document.get("keyVersion"), "message.keyVersion"),
-        seal_algorithm=algorithm or SIPS_JSON_DEFAULT_ALGORITHM,
+        seal_algorithm=algorithm or None,
     )
 
 
@@ -277,7 +289,7 @@ def _key_version(value, field_name: str) -> int | None:
     if value is None or value == "":
         return None
     text = str(value)
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 2**31 - 1:
+    if len(text) > 10 or not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 2**31 - 1:
         raise InvalidArgument(field_name, "keyVersion must be a whole number from 1")
     return int(text)
 

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from keysvc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, KeysvcError, NotFound
 from keysvc.keyring import KeyRing
 from keysvc.keys import parse_key_id
-from keysvc.model import Key, KeyPurpose, KeyVersion
+from keysvc.model import Key, KeyAlgorithm, KeyPurpose, KeyVersion
 from keysvc.seal_formats import RECEIPT_GENUINE, RECEIPT_NOT_GENUINE, SealedText, SealScheme, build
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+KNOWN_ALGORITHM_NAMES = frozenset(algorithm.platform_name for algorithm in KeyAlgorithm)
 DEFAULT_MAX_BATCH_ITEMS = 1000
 # bytes.fromhex alone would also take spaces.
 _HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
@@ -80,6 +81,9 @@ class Seal:
     version: int
     # SIPS POST built from fields: the Data to post with the seal.
     data: str = field(default="", repr=False)
+    # The algorithm's name as the platform spells it, to post with the seal (SIPS
+    # SealAlgorithm): "HMAC-SHA-256", "SHA-256", "HMAC-SHA1"...
+    algorithm: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class Explanation:
     scheme: SealScheme
     algorithm: str
     charset: str
-    sealed_data: bytes
+    sealed_data: bytes = field(repr=False)
 
 
 def encode_tag(tag: bytes, encoding: SealEncoding) -> str:
@@ -190,9 +194,10 @@ class Sealer:
         sealed = build(request.scheme, request, key.charset)
         algorithm = key.algorithm.platform_name
         if sealed.seal_algorithm is not None and sealed.seal_algorithm != algorithm:
+            # Quoted only when it is an algorithm name: it is message data.
+            asked = repr(sealed.seal_algorithm) if sealed.seal_algorithm in KNOWN_ALGORITHM_NAMES else "another"
             raise InvalidArgument(
-                "sealAlgorithm",
-                f"the message asks for {sealed.seal_algorithm!r} but key {key.key_id!r} is {algorithm!r}",
+                "sealAlgorithm", f"the message asks for {asked} algorithm but key {key.key_id!r} is {algorithm!r}"
             )
         return sealed
 
@@ -274,7 +279,8 @@ class Sealer:
                 continue
             for (index, sealed), tag in zip(items, tags):
                 outcomes[index] = Seal(
-                    encode_tag(tag, requests[index].encoding), key.key_id, version.version, sealed.built_data
+                    encode_tag(tag, requests[index].encoding), key.key_id, version.version, sealed.built_data,
+                    key.algorithm.platform_name,
                 )
         return outcomes
 
@@ -332,6 +338,8 @@ class Sealer:
         tag = decode_tag(request.seal, request.encoding)
         key = self._sealing_key(request.key_id, request.scheme)
         sealed = self._sealed_text(request, key)
+        if len(sealed.data) > self.max_message_bytes:
+            raise self._oversized_message()
         version = self._version_asked(request, sealed)
         key, candidates = self._with_fresh_key(key, lambda k: self._candidates(k, version))
         matched = self._matching_version(key, candidates, tag, sealed.data)

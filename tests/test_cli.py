@@ -325,11 +325,11 @@ def test_seal_compute_reads_the_message_from_stdin_as_utf8_bytes(cli_server, api
     assert from_stdin == api.seal(key_id, "héllo".encode()).seal
 
 
-def test_seal_compute_json_echoes_the_key_and_version(cli_server, api, merchant):
+def test_seal_compute_json_echoes_the_key_version_and_algorithm(cli_server, api, merchant):
     key_id = f"{merchant}/echo"
     api.create(key_id)
     sealed = as_json(keysvc(cli_server, "--json", "seal", "compute", key_id, "--message", "m"))
-    assert sealed == {"seal": api.seal(key_id, b"m").seal, "key_id": key_id, "version": 1}
+    assert sealed == {"seal": api.seal(key_id, b"m").seal, "key_id": key_id, "version": 1, "algorithm": "HMAC-SHA-256"}
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -418,6 +418,48 @@ def test_a_monetico_key_that_does_not_decode_is_refused_without_quoting_it(cli_s
     assert "Monetico key" in result.stderr
     assert key_text not in result.stderr + result.stdout
 
+
+
+def test_monetico_key_text_format_is_refused_and_monetico_is_the_default(cli_server, merchant):
+    key_id = f"{merchant}/monetico-default"
+
+    refused = keysvc(cli_server, "keys", "import", key_id, "--platform", "monetico", "--secret-format", "text",
+                     "--secret-file", "-", stdin=MONETICO_KEY)
+    imported = ok(keysvc(cli_server, "keys", "import", key_id, "--platform", "monetico", "--secret-file", "-",
+                         stdin=MONETICO_KEY))
+
+    import hashlib
+    import hmac
+
+    from keysvc.seal_formats import decode_monetico_key
+
+    assert refused.returncode == EXIT_ERROR and "--secret-format monetico" in refused.stderr
+    assert hmac.new(decode_monetico_key(MONETICO_KEY), bytes(16), hashlib.sha1).digest()[:3].hex().upper() in imported
+
+
+def test_sign_verify_public_key_and_csr_commands(cli_server, merchant, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    key_id = f"{merchant}/signing"
+    created = ok(keysvc(cli_server, "keys", "create", key_id, "--purpose", "sign", "--algorithm", "rsa-2048"))
+    signature = ok(keysvc(cli_server, "sign", key_id, "--algorithm", "rsa-pkcs1-v15-sha256",
+                          "--message", "settlement")).strip()
+    valid = keysvc(cli_server, "verify-signature", key_id, signature, "--algorithm", "rsa-pkcs1-v15-sha256",
+                   "--message", "settlement")
+    invalid = keysvc(cli_server, "verify-signature", key_id, signature, "--algorithm", "rsa-pkcs1-v15-sha256",
+                     "--message", "settlemenT")
+    pem = ok(keysvc(cli_server, "keys", "public-key", key_id))
+    jwk = json.loads(ok(keysvc(cli_server, "keys", "public-key", key_id, "--jwk")))
+    csr = ok(keysvc(cli_server, "keys", "csr", key_id, "--subject", "CN=shop.example,C=FR", "--dns", "shop.example"))
+
+    assert "purpose    SIGN" in created and "algorithm  RSA_2048" in created
+    serialization.load_pem_public_key(pem.encode()).verify(
+        base64.b64decode(signature), b"settlement", padding.PKCS1v15(), hashes.SHA256())
+    assert valid.returncode == EXIT_OK and invalid.returncode == EXIT_INVALID_SEAL
+    assert jwk["kid"] == f"{key_id}#1" and jwk["alg"] == "PS256"
+    assert x509.load_pem_x509_csr(csr.encode()).is_signature_valid
 
 # Last: it stops the module's server.
 def test_sigterm_stops_the_server_with_exit_code_0_within_10_s(cli_server, api):

@@ -423,10 +423,13 @@ def test_generated_enveloped_secret_gives_the_same_hash_each_time_it_is_loaded(h
     envelope = hsm_token.generate_enveloped_secret(32)
 
     first, second = (hsm_token.load_enveloped_secret(envelope) for _ in range(2))
-
-    assert hsm_token.hash_with_secret_many(first, hsm.Digest.SHA256, [b"m"]) == \
-        hsm_token.hash_with_secret_many(second, hsm.Digest.SHA256, [b"m"])
-    assert hsm_token.hash_with_secret_many(first, hsm.Digest.SHA256, [b"m"]) != [_sha256(b"m")]
+    try:
+        assert hsm_token.hash_with_secret_many(first, hsm.Digest.SHA256, [b"m"]) == \
+            hsm_token.hash_with_secret_many(second, hsm.Digest.SHA256, [b"m"])
+        assert hsm_token.hash_with_secret_many(first, hsm.Digest.SHA256, [b"m"]) != [_sha256(b"m")]
+    finally:
+        hsm_token.release_secret(first)
+        hsm_token.release_secret(second)
 
 
 @pytest.mark.parametrize("damage", [

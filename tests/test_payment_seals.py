@@ -412,3 +412,68 @@ def test_grpc_batch_seal_with_payment_schemes(server, merchant):
     assert [r.response.seal for r in results[:5]] == [hmac_hex(SIPS_SECRET, f"amount={i}".encode())
                                                       for i in range(5)]
     assert results[5].error.reason == "INVALID_ARGUMENT" and "scheme" in results[5].error.message
+
+
+# -- found in review ---------------------------------------------------------------------------------
+
+
+def test_a_legacy_key_verifies_a_json_response_that_names_no_seal_algorithm(domain, merchant):
+    key, _ = sips_legacy_key(domain, merchant)
+    response = b'{"responseCode": "00", "keyVersion": 1, "seal": "x"}'
+
+    verified = verify(domain, key.key_id, SealScheme.SIPS_JSON_RESPONSE, legacy_sips_hex(SIPS_SECRET, b"100"),
+                      message=response)
+
+    assert (verified.valid, verified.version) == (True, 1)
+
+
+def test_an_unknown_seal_algorithm_in_a_message_is_not_quoted(domain, merchant):
+    key, _ = sips_hmac_key(domain, merchant)
+    card = "4111111111111111"
+
+    with pytest.raises(InvalidArgument) as raised:
+        seal(domain, key.key_id, SealScheme.SIPS_JSON_REQUEST, message=f'{{"sealAlgorithm": "{card}"}}'.encode())
+
+    assert card not in raised.value.message
+
+
+def test_a_legacy_secret_over_214_bytes_is_refused_with_the_range(domain, merchant):
+    with pytest.raises(InvalidArgument, match="1 to 214 bytes"):
+        sips_legacy_key(domain, merchant, secret=b"s" * 215)
+
+    with pytest.raises(NotFound):
+        domain.keys.get_key(f"{merchant}/legacy")
+
+
+def test_a_profile_changed_in_the_database_is_refused_as_data_loss(domain, merchant):
+    import sqlalchemy as sa
+
+    from keysvc.errors import IntegrityError
+    from keysvc.store.schema import keys
+
+    key, _ = monetico_key(domain, merchant)
+    with domain.store.engine.begin() as connection:
+        connection.execute(sa.update(keys).where(keys.c.key_id == key.key_id)
+                           .values(charset="ISO-8859-1", revision=keys.c.revision + 1))
+    domain.ring.refresh(key.key_id)
+    domain.ring._release_where(lambda k, v: k == key.key_id)  # as in a fresh worker: no cached handle
+
+    with pytest.raises(IntegrityError):
+        seal(domain, key.key_id, SealScheme.MONETICO, fields=MONETICO_FIELDS)
+
+
+def test_grpc_a_lone_surrogate_in_a_json_name_is_invalid_argument_alone_in_a_batch(server, merchant):
+    key, _ = sips_hmac_key(server.domain, merchant)
+    bad = seals_pb2.SealRequest(key_id=key.key_id, scheme=seals_pb2.SEAL_SCHEME_SIPS_JSON_REQUEST,
+                                message=b'{"\\ud800": true}')
+    good = seals_pb2.SealRequest(key_id=key.key_id, scheme=seals_pb2.SEAL_SCHEME_SIPS_JSON_REQUEST,
+                                 message=b'{"a": "1"}')
+
+    with pytest.raises(grpc.RpcError) as raised:
+        server.seals.Seal(bad, timeout=TIMEOUT)
+    results = server.seals.BatchSeal(seals_pb2.BatchSealRequest(requests=[bad, good]), timeout=TIMEOUT).results
+    sealed = server.seals.Seal(good, timeout=TIMEOUT)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert results[0].error.reason == "INVALID_ARGUMENT" and results[1].response.seal
+    assert sealed.algorithm == "HMAC-SHA-256"

@@ -299,10 +299,41 @@ def test_monetico_key_that_is_not_40_characters_of_hex_is_refused_without_quotin
 
 
 @given(st.lists(st.tuples(st.text(min_size=1, max_size=8).filter(lambda n: n != "MAC"), st.text(max_size=8)),
-                max_size=8, unique_by=lambda pair: pair[0]))
+                min_size=1, max_size=8, unique_by=lambda pair: pair[0]))
 def test_monetico_string_holds_each_field_once_in_name_byte_order(fields):
     data = sealed(SealScheme.MONETICO, fields=tuple(fields)).data
 
     names = sorted(name.encode() for name, _ in fields)
     expected = b"*".join(name + b"=" + dict((n.encode(), v.encode()) for n, v in fields)[name] for name in names)
     assert data == expected
+
+
+# -- refusals found in review -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme, request_fields, field", [
+    (SealScheme.SIPS_POST, {"message": b"a=1|keyVersion=" + b"9" * 5000}, "message (keyVersion)"),
+    (SealScheme.SIPS_JSON_REQUEST, {"message": b'{"keyVersion": "' + b"9" * 5000 + b'"}'}, "message.keyVersion"),
+    (SealScheme.SIPS_POST, {"message": b"keyVersion=1|a=1|keyVersion=2"}, "message"),
+    (SealScheme.SIPS_POST, {"fields_json": '{"": 1}'}, "fields_json"),
+    (SealScheme.SIPS_POST, {"fields_json": '{"a.b": 1, "a": {"b": 2}}'}, "fields[a.b]"),
+    (SealScheme.SIPS_JSON_REQUEST, {"message": b"\xef\xbb\xbf{}"}, "message"),
+    (SealScheme.SIPS_JSON_REQUEST, {"message": '{"a": 1}'.encode("utf-16")}, "message"),
+    (SealScheme.MONETICO, {"fields": (("TPE", "1"),), "encode_base64": True}, "encode_base64"),
+    (SealScheme.MONETICO, {}, "fields"),
+    (SealScheme.CMCIC_LEGACY_NOTIFICATION, {}, "fields"),
+])
+def test_malformed_platform_input_is_invalid_argument_naming_the_field(scheme, request_fields, field):
+    assert refused(scheme, **request_fields).field == field
+
+
+def test_a_json_response_that_names_no_seal_algorithm_leaves_it_to_the_key():
+    assert sealed(SealScheme.SIPS_JSON_RESPONSE, message=b'{"a": "1"}').seal_algorithm is None
+    assert sealed(SealScheme.SIPS_JSON_REQUEST, message=b'{"a": "1"}').seal_algorithm == "HMAC-SHA-256"
+
+
+def test_a_lone_surrogate_in_a_field_name_gives_an_error_that_can_be_sent():
+    error = refused(SealScheme.SIPS_JSON_REQUEST, message=b'{"\\ud800": true}')
+
+    error.message.encode("utf-8")
+    error.field.encode("utf-8")

@@ -70,7 +70,7 @@ def test_hex_seal_is_the_lowercase_hex_hmac_and_names_key_and_version(domain, se
 
     sealed = domain.sealer.compute_seal(SealRequest(key_id, b"amount=100", encoding=HEX))
 
-    assert sealed == Seal(hmac_sha256(secret, b"amount=100").hex(), key_id, 1)
+    assert sealed == Seal(hmac_sha256(secret, b"amount=100").hex(), key_id, 1, algorithm="HMAC-SHA-256")
 
 
 def test_base64_seal_is_the_standard_base64_hmac(domain, secret_key):
@@ -236,14 +236,15 @@ def test_batch_seal_answers_each_item_in_place_with_errors_where_they_occurred(d
         SealRequest(key_id, b"third"),
     ])
 
-    assert outcomes[0] == Seal(hmac_sha256(secret, b"first").hex(), key_id, 1)
+    assert outcomes[0] == Seal(hmac_sha256(secret, b"first").hex(), key_id, 1, algorithm="HMAC-SHA-256")
     assert isinstance(outcomes[1], NotFound)
     assert isinstance(outcomes[2], InvalidArgument) and outcomes[2].field == "key_id"
     assert isinstance(outcomes[3], InvalidArgument) and outcomes[3].field == "message"
-    assert outcomes[4] == Seal(base64.b64encode(hmac_sha256(other_secret, b"second")).decode(), other_id, 1)
+    assert outcomes[4] == Seal(base64.b64encode(hmac_sha256(other_secret, b"second")).decode(), other_id, 1,
+                                 algorithm="HMAC-SHA-256")
     assert isinstance(outcomes[5], NotFound)
     assert isinstance(outcomes[6], FailedPrecondition)
-    assert outcomes[7] == Seal(hmac_sha256(secret, b"third").hex(), key_id, 1)
+    assert outcomes[7] == Seal(hmac_sha256(secret, b"third").hex(), key_id, 1, algorithm="HMAC-SHA-256")
 
 
 def test_batch_verify_answers_each_item_in_place_with_errors_where_they_occurred(domain, merchant, rotated_pair):

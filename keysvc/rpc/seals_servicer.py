@@ -36,6 +36,7 @@ def _fill_seal(target: seals_pb2.SealResponse, seal: Seal) -> seals_pb2.SealResp
     target.key_id = seal.key_id
     target.version = seal.version
     target.data = seal.data
+    target.algorithm = seal.algorithm
     return target
 
 

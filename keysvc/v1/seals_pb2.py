@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15keysvc/v1/seals.proto\x12\tkeysvc.v1\"$\n\x05\x46ield\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xdf\x01\n\x0bSealRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12%\n\x06scheme\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.SealScheme\x12)\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x17.keysvc.v1.SealEncoding\x12\x0f\n\x07version\x18\x05 \x01(\r\x12 \n\x06\x66ields\x18\x06 \x03(\x0b\x32\x10.keysvc.v1.Field\x12\x13\n\x0b\x66ields_json\x18\x07 \x01(\t\x12\x15\n\rencode_base64\x18\x08 \x01(\x08\"K\n\x0cSealResponse\x12\x0c\n\x04seal\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\t\"\x96\x01\n\x13\x45xplainSealResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x06scheme\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.SealScheme\x12\x11\n\talgorithm\x18\x04 \x01(\t\x12\x0f\n\x07\x63harset\x18\x05 \x01(\t\x12\x13\n\x0bsealed_data\x18\x06 \x01(\x0c\"\xef\x01\n\rVerifyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x0c\n\x04seal\x18\x03 \x01(\t\x12%\n\x06scheme\x18\x04 \x01(\x0e\x32\x15.keysvc.v1.SealScheme\x12)\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x17.keysvc.v1.SealEncoding\x12\x0f\n\x07version\x18\x06 \x01(\r\x12 \n\x06\x66ields\x18\x07 \x03(\x0b\x32\x10.keysvc.v1.Field\x12\x13\n\x0b\x66ields_json\x18\x08 \x01(\t\x12\x15\n\rencode_base64\x18\t \x01(\x08\"Q\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0f\n\x07receipt\x18\x04 \x01(\t\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"<\n\x10\x42\x61tchSealRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.keysvc.v1.SealRequest\"p\n\x0f\x42\x61tchSealResult\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.keysvc.v1.SealResponseH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.keysvc.v1.ItemErrorH\x00\x42\t\n\x07outcome\"@\n\x11\x42\x61tchSealResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.keysvc.v1.BatchSealResult\"@\n\x12\x42\x61tchVerifyRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.keysvc.v1.VerifyRequest\"t\n\x11\x42\x61tchVerifyResult\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x19.keysvc.v1.VerifyResponseH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.keysvc.v1.ItemErrorH\x00\x42\t\n\x07outcome\"D\n\x13\x42\x61tchVerifyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.keysvc.v1.BatchVerifyResult*\x8c\x02\n\nSealScheme\x12\x1b\n\x17SEAL_SCHEME_UNSPECIFIED\x10\x00\x12\x14\n\x10SEAL_SCHEME_HMAC\x10\x01\x12\x19\n\x15SEAL_SCHEME_SIPS_POST\x10\x02\x12!\n\x1dSEAL_SCHEME_SIPS_JSON_REQUEST\x10\x03\x12\"\n\x1eSEAL_SCHEME_SIPS_JSON_RESPONSE\x10\x04\x12\x18\n\x14SEAL_SCHEME_MONETICO\x10\x05\x12$\n SEAL_SCHEME_CMCIC_LEGACY_REQUEST\x10\x06\x12)\n%SEAL_SCHEME_CMCIC_LEGACY_NOTIFICATION\x10\x07*^\n\x0cSealEncoding\x12\x1d\n\x19SEAL_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11SEAL_ENCODING_HEX\x10\x01\x12\x18\n\x14SEAL_ENCODING_BASE64\x10\x02\x32\xe2\x02\n\x0bSealService\x12\x37\n\x04Seal\x12\x16.keysvc.v1.SealRequest\x1a\x17.keysvc.v1.SealResponse\x12=\n\x06Verify\x12\x18.keysvc.v1.VerifyRequest\x1a\x19.keysvc.v1.VerifyResponse\x12\x46\n\tBatchSeal\x12\x1b.keysvc.v1.BatchSealRequest\x1a\x1c.keysvc.v1.BatchSealResponse\x12L\n\x0b\x42\x61tchVerify\x12\x1d.keysvc.v1.BatchVerifyRequest\x1a\x1e.keysvc.v1.BatchVerifyResponse\x12\x45\n\x0b\x45xplainSeal\x12\x16.keysvc.v1.SealRequest\x1a\x1e.keysvc.v1.ExplainSealResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15keysvc/v1/seals.proto\x12\tkeysvc.v1\"$\n\x05\x46ield\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xdf\x01\n\x0bSealRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12%\n\x06scheme\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.SealScheme\x12)\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x17.keysvc.v1.SealEncoding\x12\x0f\n\x07version\x18\x05 \x01(\r\x12 \n\x06\x66ields\x18\x06 \x03(\x0b\x32\x10.keysvc.v1.Field\x12\x13\n\x0b\x66ields_json\x18\x07 \x01(\t\x12\x15\n\rencode_base64\x18\x08 \x01(\x08\"^\n\x0cSealResponse\x12\x0c\n\x04seal\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\t\x12\x11\n\talgorithm\x18\x05 \x01(\t\"\x96\x01\n\x13\x45xplainSealResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x06scheme\x18\x03 \x01(\x0e\x32\x15.keysvc.v1.SealScheme\x12\x11\n\talgorithm\x18\x04 \x01(\t\x12\x0f\n\x07\x63harset\x18\x05 \x01(\t\x12\x13\n\x0bsealed_data\x18\x06 \x01(\x0c\"\xef\x01\n\rVerifyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x0c\n\x04seal\x18\x03 \x01(\t\x12%\n\x06scheme\x18\x04 \x01(\x0e\x32\x15.keysvc.v1.SealScheme\x12)\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x17.keysvc.v1.SealEncoding\x12\x0f\n\x07version\x18\x06 \x01(\r\x12 \n\x06\x66ields\x18\x07 \x03(\x0b\x32\x10.keysvc.v1.Field\x12\x13\n\x0b\x66ields_json\x18\x08 \x01(\t\x12\x15\n\rencode_base64\x18\t \x01(\x08\"Q\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0f\n\x07receipt\x18\x04 \x01(\t\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"<\n\x10\x42\x61tchSealRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.keysvc.v1.SealRequest\"p\n\x0f\x42\x61tchSealResult\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.keysvc.v1.SealResponseH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.keysvc.v1.ItemErrorH\x00\x42\t\n\x07outcome\"@\n\x11\x42\x61tchSealResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.keysvc.v1.BatchSealResult\"@\n\x12\x42\x61tchVerifyRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.keysvc.v1.VerifyRequest\"t\n\x11\x42\x61tchVerifyResult\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x19.keysvc.v1.VerifyResponseH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.keysvc.v1.ItemErrorH\x00\x42\t\n\x07outcome\"D\n\x13\x42\x61tchVerifyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.keysvc.v1.BatchVerifyResult*\x8c\x02\n\nSealScheme\x12\x1b\n\x17SEAL_SCHEME_UNSPECIFIED\x10\x00\x12\x14\n\x10SEAL_SCHEME_HMAC\x10\x01\x12\x19\n\x15SEAL_SCHEME_SIPS_POST\x10\x02\x12!\n\x1dSEAL_SCHEME_SIPS_JSON_REQUEST\x10\x03\x12\"\n\x1eSEAL_SCHEME_SIPS_JSON_RESPONSE\x10\x04\x12\x18\n\x14SEAL_SCHEME_MONETICO\x10\x05\x12$\n SEAL_SCHEME_CMCIC_LEGACY_REQUEST\x10\x06\x12)\n%SEAL_SCHEME_CMCIC_LEGACY_NOTIFICATION\x10\x07*^\n\x0cSealEncoding\x12\x1d\n\x19SEAL_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11SEAL_ENCODING_HEX\x10\x01\x12\x18\n\x14SEAL_ENCODING_BASE64\x10\x02\x32\xe2\x02\n\x0bSealService\x12\x37\n\x04Seal\x12\x16.keysvc.v1.SealRequest\x1a\x17.keysvc.v1.SealResponse\x12=\n\x06Verify\x12\x18.keysvc.v1.VerifyRequest\x1a\x19.keysvc.v1.VerifyResponse\x12\x46\n\tBatchSeal\x12\x1b.keysvc.v1.BatchSealRequest\x1a\x1c.keysvc.v1.BatchSealResponse\x12L\n\x0b\x42\x61tchVerify\x12\x1d.keysvc.v1.BatchVerifyRequest\x1a\x1e.keysvc.v1.BatchVerifyResponse\x12\x45\n\x0b\x45xplainSeal\x12\x16.keysvc.v1.SealRequest\x1a\x1e.keysvc.v1.ExplainSealResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keysvc.v1.seals_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEALSCHEME']._serialized_start=1412
-  _globals['_SEALSCHEME']._serialized_end=1680
-  _globals['_SEALENCODING']._serialized_start=1682
-  _globals['_SEALENCODING']._serialized_end=1776
+  _globals['_SEALSCHEME']._serialized_start=1431
+  _globals['_SEALSCHEME']._serialized_end=1699
+  _globals['_SEALENCODING']._serialized_start=1701
+  _globals['_SEALENCODING']._serialized_end=1795
   _globals['_FIELD']._serialized_start=36
   _globals['_FIELD']._serialized_end=72
   _globals['_SEALREQUEST']._serialized_start=75
   _globals['_SEALREQUEST']._serialized_end=298
   _globals['_SEALRESPONSE']._serialized_start=300
-  _globals['_SEALRESPONSE']._serialized_end=375
-  _globals['_EXPLAINSEALRESPONSE']._serialized_start=378
-  _globals['_EXPLAINSEALRESPONSE']._serialized_end=528
-  _globals['_VERIFYREQUEST']._serialized_start=531
-  _globals['_VERIFYREQUEST']._serialized_end=770
-  _globals['_VERIFYRESPONSE']._serialized_start=772
-  _globals['_VERIFYRESPONSE']._serialized_end=853
-  _globals['_ITEMERROR']._serialized_start=855
-  _globals['_ITEMERROR']._serialized_end=913
-  _globals['_BATCHSEALREQUEST']._serialized_start=915
-  _globals['_BATCHSEALREQUEST']._serialized_end=975
-  _globals['_BATCHSEALRESULT']._serialized_start=977
-  _globals['_BATCHSEALRESULT']._serialized_end=1089
-  _globals['_BATCHSEALRESPONSE']._serialized_start=1091
-  _globals['_BATCHSEALRESPONSE']._serialized_end=1155
-  _globals['_BATCHVERIFYREQUEST']._serialized_start=1157
-  _globals['_BATCHVERIFYREQUEST']._serialized_end=1221
-  _globals['_BATCHVERIFYRESULT']._serialized_start=1223
-  _globals['_BATCHVERIFYRESULT']._serialized_end=1339
-  _globals['_BATCHVERIFYRESPONSE']._serialized_start=1341
-  _globals['_BATCHVERIFYRESPONSE']._serialized_end=1409
-  _globals['_SEALSERVICE']._serialized_start=1779
-  _globals['_SEALSERVICE']._serialized_end=2133
+  _globals['_SEALRESPONSE']._serialized_end=394
+  _globals['_EXPLAINSEALRESPONSE']._serialized_start=397
+  _globals['_EXPLAINSEALRESPONSE']._serialized_end=547
+  _globals['_VERIFYREQUEST']._serialized_start=550
+  _globals['_VERIFYREQUEST']._serialized_end=789
+  _globals['_VERIFYRESPONSE']._serialized_start=791
+  _globals['_VERIFYRESPONSE']._serialized_end=872
+  _globals['_ITEMERROR']._serialized_start=874
+  _globals['_ITEMERROR']._serialized_end=932
+  _globals['_BATCHSEALREQUEST']._serialized_start=934
+  _globals['_BATCHSEALREQUEST']._serialized_end=994
+  _globals['_BATCHSEALRESULT']._serialized_start=996
+  _globals['_BATCHSEALRESULT']._serialized_end=1108
+  _globals['_BATCHSEALRESPONSE']._serialized_start=1110
+  _globals['_BATCHSEALRESPONSE']._serialized_end=1174
+  _globals['_BATCHVERIFYREQUEST']._serialized_start=1176
+  _globals['_BATCHVERIFYREQUEST']._serialized_end=1240
+  _globals['_BATCHVERIFYRESULT']._serialized_start=1242
+  _globals['_BATCHVERIFYRESULT']._serialized_end=1358
+  _globals['_BATCHVERIFYRESPONSE']._serialized_start=1360
+  _globals['_BATCHVERIFYRESPONSE']._serialized_end=1428
+  _globals['_SEALSERVICE']._serialized_start=1798
+  _globals['_SEALSERVICE']._serialized_end=2152
 # @@protoc_insertion_point(module_scope)

@@ -64,16 +64,18 @@ class SealRequest(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., scheme: _Optional[_Union[SealScheme, str]] = ..., encoding: _Optional[_Union[SealEncoding, str]] = ..., version: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., fields_json: _Optional[str] = ..., encode_base64: _Optional[bool] = ...) -> None: ...
 
 class SealResponse(_message.Message):
-    __slots__ = ("seal", "key_id", "version", "data")
+    __slots__ = ("seal", "key_id", "version", "data", "algorithm")
     SEAL_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     seal: str
     key_id: str
     version: int
     data: str
-    def __init__(self, seal: _Optional[str] = ..., key_id: _Optional[str] = ..., version: _Optional[int] = ..., data: _Optional[str] = ...) -> None: ...
+    algorithm: str
+    def __init__(self, seal: _Optional[str] = ..., key_id: _Optional[str] = ..., version: _Optional[int] = ..., data: _Optional[str] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class ExplainSealResponse(_message.Message):
     __slots__ = ("key_id", "version", "scheme", "algorithm", "charset", "sealed_data")
