@@ -7,6 +7,9 @@ One run, one fresh SoftHSM token, one machine:
   a constant SealResponse: the transport limit;
 - raw HSM: a python-pkcs11 HMAC-SHA256 loop in this process on the same token:
   the HSM limit;
+- signing: unary Sign at 8 in flight with RSA-2048 and RSA-3072 keys, PSS and
+  PKCS#1 v1.5, each against a raw python-pkcs11 sign loop on the same token with a
+  key of the same size and the same mechanism (the HSM limit);
 - payment schemes: BatchSeal of realistic SIPS, Monetico and CM-CIC messages, one
   row per scheme, against raw-HMAC BatchSeal of the same number of bytes measured
   alongside (the cost of building the platform's string).
@@ -43,7 +46,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc  # noqa: E402
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc  # noqa: E402
 
 TOKEN_LABEL = "bench"
 MESSAGE_BYTES = 64
@@ -52,6 +55,8 @@ BATCH_IN_FLIGHT = 2
 CONCURRENCIES = (1, 8, 32)
 SEAL_TARGET = 0.85
 BATCH_TARGET = 0.50
+SIGN_TARGET = 0.90
+SIGN_IN_FLIGHT = 8
 CALL_TIMEOUT = 30.0
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0  # keysvc gives calls in flight 5 s after SIGTERM
@@ -307,6 +312,54 @@ class RawHsmLoad:
         self.session.close()
 
 
+class RawSignLoad:
+    """RSA signatures of 64-byte messages in this process, one thread, with a session key
+    pair of `bits` and the mechanism keysvc uses (the hash is made here, as keysvc does)."""
+
+    def __init__(self, cell: Cell, config_path: Path, pin: str, bits: int, pss: bool) -> None:
+        os.environ["SOFTHSM2_CONF"] = str(config_path)
+        import hashlib
+
+        import pkcs11
+        from pkcs11 import MGF, Attribute, KeyType, Mechanism
+
+        self.cell = cell
+        token = pkcs11.lib(HSM_MODULE).get_token(token_label=TOKEN_LABEL)
+        try:
+            self.session = token.open(user_pin=pin, rw=True)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:  # login is per process: the raw HMAC load's
+            self.session = token.open(rw=True)
+        self.public, self.private = self.session.generate_keypair(
+            KeyType.RSA, bits, store=False, private_template={Attribute.SIGN: True, Attribute.SENSITIVE: True})
+        message = os.urandom(MESSAGE_BYTES)
+        if pss:
+            self.data = hashlib.sha256(message).digest()
+            self.mechanism, self.parameters = Mechanism.RSA_PKCS_PSS, (Mechanism.SHA256, MGF.SHA256, 32)
+        else:  # DigestInfo(SHA-256) ‖ hash
+            self.data = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(message).digest()
+            self.mechanism, self.parameters = Mechanism.RSA_PKCS, None
+
+    async def run(self, seconds: float, record: bool = True) -> None:
+        sign, data, mechanism, parameters = self.private.sign, self.data, self.mechanism, self.parameters
+        latencies = self.cell.latencies if record else []
+        usage = Usage(None)
+        now = usage.started
+        end = now + seconds
+        while now < end:
+            sign(data, mechanism=mechanism, mechanism_param=parameters)
+            after = time.perf_counter()
+            latencies.append(after - now)
+            now = after
+        if record:
+            self.cell.ops = len(latencies)
+            usage.add_to(self.cell)
+
+    def close(self) -> None:
+        self.private.destroy()
+        self.public.destroy()
+        self.session.close()
+
+
 async def interleaved(loads, seconds: float, warmup: float, rounds: int) -> None:
     """Warms each load up, then alternates them in `rounds` slices of seconds/rounds each,
     so that a change in the machine's load during the run affects them alike."""
@@ -377,7 +430,8 @@ async def run_cells(args, keysvc: Server, echo: Server, config_path: Path, pin: 
                           args.seconds, args.warmup, args.rounds)
         progress(f"BatchSeal {batch_cell.rate:.0f} items/s, raw HSM {raw_cell.rate:.0f} ops/s")
         scheme_cells = await run_scheme_cells(args, keys, keysvc_stubs, keysvc, progress)
-        return seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells
+        sign_cells = await run_sign_cells(args, keys, keysvc_channels, keysvc, config_path, pin, progress)
+        return seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells, sign_cells
     finally:
         if raw is not None:
             raw.close()
@@ -483,7 +537,43 @@ async def run_scheme_cells(args, keys, stubs, keysvc: Server, progress) -> list[
     return pairs
 
 
-def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells) -> None:
+# -- signing -------------------------------------------------------------------------------------
+
+
+async def run_sign_cells(args, keys, channels, keysvc: Server, config_path: Path, pin: str,
+                         progress) -> list[tuple[Cell, Cell]]:
+    """(keysvc Sign cell, raw HSM sign cell) for RSA-2048 and 3072, PSS and PKCS#1 v1.5."""
+    stubs = [signing_pb2_grpc.SigningServiceStub(c) for c in channels]
+    pairs = []
+    for bits in (2048, 3072):
+        created = await keys.CreateKey(keys_pb2.CreateKeyRequest(
+            merchant_id="bench", name=f"rsa-{bits}", purpose=keys_pb2.KEY_PURPOSE_SIGN,
+            algorithm=keys_pb2.KeyAlgorithm.Value(f"KEY_ALGORITHM_RSA_{bits}")), timeout=CALL_TIMEOUT)
+        for pss in (True, False):
+            algorithm = (signing_pb2.SIGNATURE_ALGORITHM_RSA_PSS_SHA256 if pss
+                         else signing_pb2.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256)
+            request = signing_pb2.SignRequest(key_id=created.key.key_id, algorithm=algorithm,
+                                              message=os.urandom(MESSAGE_BYTES))
+
+            async def call(index: int, request=request) -> int:
+                await stubs[index % len(stubs)].Sign(request, timeout=CALL_TIMEOUT)
+                return 0
+
+            name = f"RSA-{bits} {'PSS' if pss else 'PKCS#1 v1.5'}"
+            cell = Cell(f"keysvc Sign {name}", SIGN_IN_FLIGHT)
+            raw_cell = Cell(f"  raw HSM sign {name}", 1)
+            raw = RawSignLoad(raw_cell, config_path, pin, bits, pss)
+            try:
+                await interleaved([GrpcLoad(cell, call, keysvc), raw], args.seconds / 2, args.warmup / 2,
+                                  args.rounds)
+            finally:
+                raw.close()
+            progress(f"Sign {name}: {cell.rate:.0f} ops/s (raw HSM {raw_cell.rate:.0f})")
+            pairs.append((cell, raw_cell))
+    return pairs
+
+
+def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells, sign_cells) -> None:
     def ms(value):
         return "-" if value is None else f"{value:.2f}"
 
@@ -502,6 +592,8 @@ def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells
     rows += [batch_cell, raw_cell]
     for scheme, baseline in scheme_cells:
         rows += [scheme, baseline]
+    for sign, baseline in sign_cells:
+        rows += [sign, baseline]
     for cell in rows:
         print(f"{cell.label:<34} {cell.in_flight:>9} {cell.rate:>9.0f} {cell.unit:<8} "
               f"{ms(cell.percentile_ms(0.50)):>7} {ms(cell.percentile_ms(0.99)):>7} {cell.errors:>6} "
@@ -527,6 +619,11 @@ def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells
     for scheme, baseline in scheme_cells:
         ratio = scheme.rate / baseline.rate if baseline.rate else 0.0
         print(f"  {scheme.label + ' / raw HMAC':<52} {100 * ratio:6.1f}%   (no target: the cost of the format)")
+    for sign, baseline in sign_cells:
+        ratio = sign.rate / baseline.rate if baseline.rate else 0.0
+        verdict = "meets" if ratio >= SIGN_TARGET else "misses"
+        print(f"  {sign.label + ' / raw HSM':<52} {100 * ratio:6.1f}%   target >= {100 * SIGN_TARGET:.0f}%   "
+              f"{verdict}")
 
 
 def main() -> None:
