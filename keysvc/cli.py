@@ -165,15 +165,24 @@ def describe_key(key: keys_pb2.Key) -> str:
 @click.option("--workers", envvar="KEYSVC_WORKERS", default=1, show_default=True,
               help="Processes serving on the one port.")
 @click.option("--reflection/--no-reflection", envvar="KEYSVC_REFLECTION", default=True, show_default=True)
-def serve(listen, database_url, hsm_module, token_label, pin_file, workers, reflection) -> None:
+@click.option("--metrics-listen", envvar="KEYSVC_METRICS_LISTEN", default="",
+              help="HOST:PORT for Prometheus /metrics (worker N uses PORT+N); off when empty.")
+@click.option("--log-format", envvar="KEYSVC_LOG_FORMAT", type=click.Choice(["human", "json"]), default="human",
+              show_default=True)
+@click.option("--log-level", envvar="KEYSVC_LOG_LEVEL", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+              default="INFO", show_default=True)
+def serve(listen, database_url, hsm_module, token_label, pin_file, workers, reflection,
+          metrics_listen, log_format, log_level) -> None:
     """Run the keysvc gRPC server."""
     from keysvc import service
+    from keysvc.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_format, log_level)
     try:
         settings = config_module.validate(config_module.Settings(
             listen=listen, database_url=database_url, hsm_module=hsm_module, token_label=token_label,
             pin=config_module.read_pin(pin_file), workers=workers, reflection=reflection,
+            metrics_listen=metrics_listen, log_format=log_format, log_level=log_level,
         ))
         service.serve(settings)
     except config_module.ConfigurationError as error:

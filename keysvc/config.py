@@ -34,6 +34,11 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_seal_message_bytes: int = 64 * 1024
     max_batch_items: int = 1000
+    # Operating (see README, "Operating keysvc"): '' serves no metrics.
+    metrics_listen: str = ""
+    log_format: str = "human"
+    log_level: str = "INFO"
+    health_interval: float = 1.0
 
     @property
     def hsm_config(self) -> hsm.HsmConfig:
@@ -69,5 +74,15 @@ def validate(settings: Settings) -> Settings:
         raise ConfigurationError("--workers must be at least 1")
     if not (settings.database_url.startswith("sqlite:") or settings.database_url.startswith("postgresql")):
         raise ConfigurationError("--database must be a sqlite:/// or postgresql:// URL")
+    if settings.metrics_listen:
+        host, colon, port = settings.metrics_listen.rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ConfigurationError(f"--metrics-listen must be host:port, not {settings.metrics_listen!r}")
+    if settings.log_format not in ("human", "json"):
+        raise ConfigurationError(f"--log-format must be human or json, not {settings.log_format!r}")
+    if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigurationError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {settings.log_level!r}")
+    if not settings.health_interval > 0:
+        raise ConfigurationError("health_interval must be more than 0 seconds")
     return settings
 
