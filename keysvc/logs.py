@@ -3,11 +3,12 @@
 `configure_logging` installs one handler on stderr whose filter redacts every
 record before it is formatted, and whose formatter redacts the finished line again
 (exception text and extra fields included). What is redacted:
-- digit runs of 12 to 19 digits, with or without spaces or dashes between digits
-  (a PAN, but also anything else that long: merchant ids of 15 digits are redacted
-  too, which is the price of never missing a PAN);
+- digit runs of 12 digits or more (a PAN has 12 to 19; a longer run may hide one),
+  with or without single spaces or dashes between digits: merchant ids of 15 digits
+  are redacted too, the price of never missing a PAN;
 - the value after a PIN-like name (`pin`, `user_pin`, `so-pin`, `KEYSVC_HSM_PIN`...)
-  or `secret`, `password`, followed by `=` or `:`;
+  or `secret`, `password`, followed by `=` or `:`, and the word after a PIN-like
+  name when it holds a digit (`PIN 1234`);
 - hexadecimal runs of 32 or more digits (16 bytes or more: key material, MACs).
 Events carry their fields as `extra`: request_id, rpc, duration_ms, status, peer.
 """
@@ -25,17 +26,20 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Fields an event may carry (logging's `extra`), in the order they are shown.
 EVENT_FIELDS = ("request_id", "rpc", "status", "duration_ms", "peer")
 
-_PAN_LIKE = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){11,18}(?![0-9])")
+_PAN_LIKE = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){11,}(?![0-9])")
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)(\b(?:[a-z0-9]+[_-])*(?:pin|secret|password|passwd)(?:[_-][a-z0-9]+)*\b[\"']?\s*[=:]\s*[\"']?)"
-    r"[^\s\"',;&|}\]]+"
+    r"(?!\[REDACTED)[^\s\"',;&|}\]]+"  # not "[REDACTED]" again: redacting twice changes nothing
 )
+# "PIN 1234", "pin 'x9y8'": a word after a PIN-like name, when it holds a digit.
+_PIN_WORD = re.compile(r"(?i)(\b(?:[a-z0-9]+[_-])*pin\s+[\"']?)(?=[^\s\"']*[0-9])[^\s\"',;&|}\]]+")
 _HEX_RUN = re.compile(r"(?i)(?<![0-9a-f])[0-9a-f]{32,}(?![0-9a-f])")
 
 
 def redact(text: str) -> str:
     """`text` with PAN-like digit runs, PIN and secret values, and long hex runs replaced."""
     text = _SECRET_ASSIGNMENT.sub(r"\1[REDACTED]", text)
+    text = _PIN_WORD.sub(r"\1[REDACTED]", text)
     text = _HEX_RUN.sub("[REDACTED-HEX]", text)
     return _PAN_LIKE.sub("[REDACTED-PAN]", text)
 

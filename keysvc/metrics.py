@@ -13,13 +13,24 @@ import logging
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 import hsm
 
 log = logging.getLogger("keysvc.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU, resident memory, open files) and python_info, as the default registry has.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
 
 # Unary calls take ~0.1 ms to a few ms; RSA-4096 and key creation take longer.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -82,6 +93,7 @@ class MeasuredHsm:
             finally:
                 seconds.observe(time.perf_counter() - start)
 
+        self.__dict__[name] = measured  # found directly from now on
         return measured
 
 
