@@ -192,6 +192,7 @@ _config_option = click.option(
 @click.option("--log-format", type=click.Choice(config_module.LOG_FORMATS), default=None,
               help="[default: human]")
 @click.option("--log-level", type=click.Choice(config_module.LOG_LEVELS), default=None, help="[default: INFO]")
+@click.option("--log-access/--no-log-access", default=None, help="One log event per call [default: on].")
 @click.pass_context
 def serve(ctx, config_file, **params) -> None:
     """Run the keysvc gRPC server.
@@ -203,7 +204,7 @@ def serve(ctx, config_file, **params) -> None:
     from keysvc.logs import configure_logging
 
     settings, _sources = _load_settings(config_file, _serve_overrides(ctx, params))
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, access=settings.log_access)
     try:
         service.serve(settings)
     except config_module.ConfigurationError as error:

@@ -54,6 +54,7 @@ class Settings:
     metrics_listen: str = ""
     log_format: str = "human"
     log_level: str = "INFO"
+    log_access: bool = True
     health_interval: float = 1.0
     # Where the PIN was read from ('' when from KEYSVC_HSM_PIN).
     pin_file: str = ""
@@ -91,6 +92,7 @@ SETTINGS = (
     Setting("metrics.listen", "metrics_listen", "KEYSVC_METRICS_LISTEN", str),
     Setting("log.format", "log_format", "KEYSVC_LOG_FORMAT", str),
     Setting("log.level", "log_level", "KEYSVC_LOG_LEVEL", str),
+    Setting("log.access", "log_access", "KEYSVC_LOG_ACCESS", bool),
     Setting("health.interval", "health_interval", "KEYSVC_HEALTH_INTERVAL", float),
 )
 _BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -134,7 +134,7 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
 def _worker_main(settings: Settings, ready, worker_index: int = 0) -> None:
     from keysvc.logs import configure_logging
 
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, access=settings.log_access)
     serve_here(settings, on_ready=lambda port: ready.put(port), worker_index=worker_index)
 
 

@@ -39,6 +39,7 @@ listen = "127.0.0.1:9464"
 [log]
 format = "json"
 level = "WARNING"
+access = false
 
 [health]
 interval = 0.5
@@ -67,7 +68,8 @@ def test_every_setting_is_read_from_the_file(tmp_path, pin_file):
         database_url="postgresql://keysvc:db-Passw0rd@db.example:5432/keysvc",
         hsm_module="/opt/hsm/lib.so", token_label="prod", pin="987654", pin_file=str(pin_file),
         max_message_bytes=1048576, max_seal_message_bytes=8192, max_batch_items=100,
-        metrics_listen="127.0.0.1:9464", log_format="json", log_level="WARNING", health_interval=0.5,
+        metrics_listen="127.0.0.1:9464", log_format="json", log_level="WARNING", log_access=False,
+        health_interval=0.5,
     )
     assert sources["workers"] == path and sources["pin"] == "the file named by hsm.pin_file"
 

@@ -111,11 +111,12 @@ def test_serve_json_logs_one_event_per_call_with_request_id_rpc_status_duration_
             sealed, call = seals.Seal.with_call(
                 seals_pb2.SealRequest(key_id=key_id, message=f"cardNumber={pan}".encode()), timeout=10,
                 metadata=[("x-request-id", "gateway-req-42")])
-            assert ("x-request-id", "gateway-req-42") in call.initial_metadata()
+            assert ("x-request-id", "gateway-req-42") in call.trailing_metadata()
             with pytest.raises(grpc.RpcError) as raised:
                 keys.GetKey(keys_pb2.GetKeyRequest(key_id=f"{pan}/missing"), timeout=10)
             assert raised.value.code() is grpc.StatusCode.NOT_FOUND
-            generated_id = dict(raised.value.initial_metadata())["x-request-id"]
+            generated_id = dict(raised.value.trailing_metadata())["x-request-id"]
+            assert len(generated_id) == 22 and generated_id.isalpha()
     finally:
         stop_keysvc_server(server)
     log_text = server.log()
@@ -145,3 +146,21 @@ def test_configure_logging_replaces_the_root_handlers():
         root.setLevel(saved[1])
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["message"] == "pin=[REDACTED] shown"
+
+
+def test_the_access_log_can_be_switched_off_without_silencing_the_rest():
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        configure_logging("json", "INFO", stream, access=False)
+        logging.getLogger("keysvc.access").info("a call")
+        logging.getLogger("keysvc.health").info("health news")
+    finally:
+        configure_logging("human", "INFO", io.StringIO())
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["health news"]
