@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 import hsm
+from keysvc.config import ConfigurationError
 
 log = logging.getLogger("keysvc.metrics")
 
@@ -100,9 +101,12 @@ class MeasuredHsm:
 def serve_metrics(listen: str) -> tuple[object, int]:
     """Serves /metrics over HTTP on `listen` ('host:port', port 0 picks one) in a daemon
     thread; returns the HTTP server (call shutdown() to stop it) and the bound port.
-    Raises OSError when the address cannot be bound."""
+    Raises ConfigurationError when the address cannot be bound."""
     host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=REGISTRY)
+    try:
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=REGISTRY)
+    except OSError as error:
+        raise ConfigurationError(f"metrics.listen: cannot listen on {listen}: {error.strerror}") from None
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return server, bound

@@ -4,6 +4,8 @@ id, a message or a seal."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import urllib.request
 
 import grpc
@@ -14,7 +16,7 @@ from keysvc.metrics import MeasuredHsm, serve_metrics
 from keysvc.rpc.server import ServerOptions, create_server
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
 from tests.conftest import _free_port, make_domain
-from tests.servers import start_keysvc_server, stop_keysvc_server
+from tests.servers import KEYSVC, Client, close_clients, start_keysvc_server, stop_keysvc_server
 
 SEAL = "keysvc.v1.SealService/Seal"
 BATCH_SEAL = "keysvc.v1.SealService/BatchSeal"
@@ -112,3 +114,41 @@ def test_serve_metrics_listen_serves_the_endpoint_with_the_dependencies_up(token
     assert value(samples, "keysvc_dependency_up", dependency="hsm") == 1
     assert value(samples, "keysvc_dependency_up", dependency="database") == 1
     assert value(samples, "keysvc_hsm_call_duration_seconds_count", operation="generate_wrapped_secret") == 1
+
+
+def test_each_worker_serves_its_metrics_on_the_port_plus_its_index(token, tmp_path, merchant):
+    base = _free_port()
+    while True:  # base + 1 must be free too
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", base + 1))
+            break
+        except OSError:
+            base = _free_port()
+    server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log", workers=2,
+                                 extra_args=("--metrics-listen", f"127.0.0.1:{base}"))
+    try:
+        clients = [Client(server.address) for _ in range(6)]  # one ListKeys each, on its own connection
+        close_clients(clients)
+        listed = 0
+        for port in (base, base + 1):
+            _, samples = scrape(port)
+            assert value(samples, "keysvc_dependency_up", dependency="hsm") == 1
+            listed += value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/ListKeys", code="OK")
+        assert listed == 6  # each call counted once, by the worker that served it
+    finally:
+        stop_keysvc_server(server)
+
+
+def test_a_metrics_port_in_use_stops_serve_with_a_message_naming_the_setting(token, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [KEYSVC, "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite:///{tmp_path / 'k.db'}",
+             "--metrics-listen", f"127.0.0.1:{port}"],
+            env=token.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
