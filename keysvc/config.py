@@ -56,6 +56,7 @@ class Settings:
     log_level: str = "INFO"
     log_access: bool = True
     health_interval: float = 1.0
+    health_timeout: float = 5.0
     # Where the PIN was read from ('' when from KEYSVC_HSM_PIN).
     pin_file: str = ""
 
@@ -94,6 +95,7 @@ SETTINGS = (
     Setting("log.level", "log_level", "KEYSVC_LOG_LEVEL", str),
     Setting("log.access", "log_access", "KEYSVC_LOG_ACCESS", bool),
     Setting("health.interval", "health_interval", "KEYSVC_HEALTH_INTERVAL", float),
+    Setting("health.timeout", "health_timeout", "KEYSVC_HEALTH_TIMEOUT", float),
 )
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -165,6 +167,8 @@ def _problems(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"))
     if not settings.health_interval > 0:
         problems.append(("health_interval", "must be more than 0 seconds"))
+    if not settings.health_timeout > 0:
+        problems.append(("health_timeout", "must be more than 0 seconds"))
     return problems
 
 

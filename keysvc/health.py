@@ -4,8 +4,10 @@ Every `interval` seconds (and at once when asked with `probe_soon`, e.g. after a
 call ended UNAVAILABLE) each dependency is checked with one cheap call: an HMAC
 with the token's binding key, which goes through the process's PKCS#11 lock and,
 while the HSM is failing, drives its recovery; and a `SELECT 1` on the database.
-When the verdict changes, `on_change(serving, failing)` is called with the names
-of the failing dependencies. Nothing here knows of gRPC: the rpc layer turns the
+A check that does not answer within `timeout` seconds (a database behind a network
+partition hangs rather than refuses) counts as failing; it keeps running in its own
+thread, and no second copy of it starts until it returns. When the verdict changes,
+`on_change(serving, failing)` is called with the names of the failing dependencies. Nothing here knows of gRPC: the rpc layer turns the
 verdict into health statuses.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent import futures
 from typing import Callable, Mapping
 
 import sqlalchemy as sa
@@ -23,6 +26,8 @@ from keysvc.store import KeyStore
 log = logging.getLogger("keysvc.health")
 
 PROBE_INTERVAL = 1.0
+# Long enough for a slow HSM call holding the PKCS#11 lock (an RSA-4096 key generation).
+PROBE_TIMEOUT = 5.0
 _HSM_PROBE_DATA = b"keysvc-health-probe"
 
 Check = Callable[[], None]
@@ -56,10 +61,14 @@ class HealthMonitor:
         on_change: Callable[[bool, tuple[str, ...]], None],
         *,
         interval: float = PROBE_INTERVAL,
+        timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self._checks = dict(checks)
         self._on_change = on_change
         self._interval = interval
+        self._timeout = timeout
+        self._runner = futures.ThreadPoolExecutor(max_workers=len(self._checks), thread_name_prefix="keysvc-check")
+        self._running: dict[str, futures.Future] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,13 +83,18 @@ class HealthMonitor:
         """Runs every check now, reports a change, and returns the failing names."""
         failing = []
         for name, check in self._checks.items():
+            running = self._running.get(name)
+            if running is None or running.done():
+                running = self._running[name] = self._runner.submit(check)
             try:
-                check()
+                running.result(timeout=self._timeout)
             except Exception as error:  # noqa: BLE001 - any failure means "not serving"
                 failing.append(name)
                 if self._failing is None or name not in self._failing:
                     # The type only: an exception's text may quote data.
-                    log.warning("health: %s is unavailable (%s)", name, type(error).__name__)
+                    why = "no answer within %s s" % self._timeout if isinstance(error, futures.TimeoutError) \
+                        else type(error).__name__
+                    log.warning("health: %s is unavailable (%s)", name, why)
         failing = tuple(failing)
         if failing != self._failing:
             if self._failing and not failing:
@@ -105,6 +119,7 @@ class HealthMonitor:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._runner.shutdown(wait=False, cancel_futures=True)  # a hung check is left behind
 
     def _run(self) -> None:
         while not self._stop.is_set():

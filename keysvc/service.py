@@ -93,7 +93,7 @@ def start_health_monitor(settings: Settings, services: Services, on_change) -> H
 
     # The process's one connection (not measured: probes stay out of the HSM metrics).
     checks = {"hsm": hsm_check(hsm.Hsm.connect(settings.hsm_config)), "database": database_check(services.store)}
-    return HealthMonitor(checks, changed, interval=settings.health_interval)
+    return HealthMonitor(checks, changed, interval=settings.health_interval, timeout=settings.health_timeout)
 
 
 def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None:

@@ -7,7 +7,9 @@ serve`, and a PostgreSQL server of the test's own stopped and started again.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -30,7 +32,7 @@ from tests.conftest import (
     _postgres_bindir,
     make_domain,
 )
-from tests.servers import start_keysvc_server, stop_keysvc_server
+from tests.servers import child_pids, start_keysvc_server, stop_keysvc_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -83,6 +85,25 @@ class OwnPostgres:
 
     def stop(self) -> None:
         self._pg_ctl("-w", "-m", "fast", "stop")
+
+    def pids(self) -> list[int]:
+        """The postmaster first, then its children (backends and helpers)."""
+        postmaster = int((self.directory / "pgdata" / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *sorted(child_pids(postmaster))]
+
+    def freeze(self) -> list[int]:
+        """SIGSTOPs every process of the server: connections hang as behind a network
+        partition, instead of being refused. Returns the pids for thaw."""
+        frozen = []
+        for pid in self.pids():
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+        return frozen
+
+    @staticmethod
+    def thaw(frozen: list[int]) -> None:
+        for pid in reversed(frozen):
+            os.kill(pid, signal.SIGCONT)
 
     def new_database(self) -> str:
         name = "keysvc_" + str(time.monotonic_ns())
@@ -196,3 +217,26 @@ def test_a_call_ending_unavailable_marks_not_serving_without_waiting_for_the_nex
         monitor.stop()
         grpc_server.stop(None)
         domain.store.close()
+
+
+def test_a_database_that_hangs_turns_health_not_serving_within_the_probe_timeout(
+        token, own_postgres, tmp_path, merchant):
+    server = start_keysvc_server(token, own_postgres.new_database(), tmp_path / "server.log",
+                                 extra_env={"KEYSVC_HEALTH_TIMEOUT": "1"})
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            keys_pb2_grpc.KeyServiceStub(channel).CreateKey(_create_key_request(merchant, "k"), timeout=10)
+            frozen = own_postgres.freeze()
+            try:
+                # A probe every 1 s, each waiting at most 1 s for the database.
+                noticed = wait_for_status(channel, NOT_SERVING, 1 + 1 + NOTICED_WITHIN)
+            finally:
+                own_postgres.thaw(frozen)
+            resumed = wait_for_status(channel, SERVING, RESUMED_WITHIN)
+            key = keys_pb2_grpc.KeyServiceStub(channel).GetKey(
+                keys_pb2.GetKeyRequest(key_id=f"{merchant}/k"), timeout=10).key
+            assert key.primary_version == 1
+        print(f"hung database noticed in {noticed:.2f} s, back noticed in {resumed:.2f} s")
+    finally:
+        stop_keysvc_server(server)
+    assert "health: database is unavailable (no answer within 1.0 s)" in server.log()
