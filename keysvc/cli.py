@@ -12,7 +12,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import logging
 import sys
 
 import click
