@@ -191,7 +191,8 @@ _config_option = click.option(
 @click.option("--log-format", type=click.Choice(config_module.LOG_FORMATS), default=None,
               help="[default: human]")
 @click.option("--log-level", type=click.Choice(config_module.LOG_LEVELS), default=None, help="[default: INFO]")
-@click.option("--log-access/--no-log-access", default=None, help="One log event per call [default: on].")
+@click.option("--log-access", type=click.Choice(config_module.ACCESS_LOG_MODES), default=None,
+              help="One log event per call: for every call, for calls not OK, or none [default: errors].")
 @click.pass_context
 def serve(ctx, config_file, **params) -> None:
     """Run the keysvc gRPC server.
@@ -203,7 +204,7 @@ def serve(ctx, config_file, **params) -> None:
     from keysvc.logs import configure_logging
 
     settings, _sources = _load_settings(config_file, _serve_overrides(ctx, params))
-    configure_logging(settings.log_format, settings.log_level, access=settings.log_access)
+    configure_logging(settings.log_format, settings.log_level)
     try:
         service.serve(settings)
     except config_module.ConfigurationError as error:

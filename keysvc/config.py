@@ -31,6 +31,7 @@ CONFIG_ENV = "KEYSVC_CONFIG"
 PIN_ENV = "KEYSVC_HSM_PIN"
 LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ACCESS_LOG_MODES = ("all", "errors", "off")
 MASK = "****"
 
 
@@ -54,7 +55,7 @@ class Settings:
     metrics_listen: str = ""
     log_format: str = "human"
     log_level: str = "INFO"
-    log_access: bool = True
+    log_access: str = "errors"
     health_interval: float = 1.0
     health_timeout: float = 5.0
     # Where the PIN was read from ('' when from KEYSVC_HSM_PIN).
@@ -93,7 +94,7 @@ SETTINGS = (
     Setting("metrics.listen", "metrics_listen", "KEYSVC_METRICS_LISTEN", str),
     Setting("log.format", "log_format", "KEYSVC_LOG_FORMAT", str),
     Setting("log.level", "log_level", "KEYSVC_LOG_LEVEL", str),
-    Setting("log.access", "log_access", "KEYSVC_LOG_ACCESS", bool),
+    Setting("log.access", "log_access", "KEYSVC_LOG_ACCESS", str),
     Setting("health.interval", "health_interval", "KEYSVC_HEALTH_INTERVAL", float),
     Setting("health.timeout", "health_timeout", "KEYSVC_HEALTH_TIMEOUT", float),
 )
@@ -165,6 +166,8 @@ def _problems(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {settings.log_format!r}"))
     if settings.log_level not in LOG_LEVELS:
         problems.append(("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"))
+    if settings.log_access not in ACCESS_LOG_MODES:
+        problems.append(("log_access", f"must be one of {', '.join(ACCESS_LOG_MODES)}, not {settings.log_access!r}"))
     if not settings.health_interval > 0:
         problems.append(("health_interval", "must be more than 0 seconds"))
     if not settings.health_timeout > 0:

@@ -21,7 +21,6 @@ import re
 import sys
 from datetime import datetime, timezone
 
-ACCESS_LOGGER = "keysvc.access"
 LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Fields an event may carry (logging's `extra`), in the order they are shown.
@@ -118,9 +117,8 @@ def handler_for(log_format: str, stream=None) -> logging.Handler:
     return handler
 
 
-def configure_logging(log_format: str = "human", level: str = "INFO", stream=None, *, access: bool = True) -> None:
-    """Makes the root logger write to one redacting handler in `log_format`; `access`
-    False silences the one-event-per-call access log (logger keysvc.access).
+def configure_logging(log_format: str = "human", level: str = "INFO", stream=None) -> None:
+    """Makes the root logger write to one redacting handler in `log_format`.
 
     The handler writes in the caller's thread. (A QueueListener thread was measured
     costing more CPU per call, not less: each record wakes it and the GIL changes
@@ -131,4 +129,3 @@ def configure_logging(log_format: str = "human", level: str = "INFO", stream=Non
         root.removeHandler(existing)
     root.addHandler(handler_for(log_format, stream))
     root.setLevel(level)
-    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access else logging.WARNING)

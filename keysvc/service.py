@@ -112,6 +112,7 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
         max_message_bytes=settings.max_message_bytes,
         reflection=settings.reflection,
         reuse_port=settings.workers > 1,
+        access_log=settings.log_access,
     )
     server, port, health_servicer = create_server(
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
@@ -134,7 +135,7 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
 def _worker_main(settings: Settings, ready, worker_index: int = 0) -> None:
     from keysvc.logs import configure_logging
 
-    configure_logging(settings.log_format, settings.log_level, access=settings.log_access)
+    configure_logging(settings.log_format, settings.log_level)
     serve_here(settings, on_ready=lambda port: ready.put(port), worker_index=worker_index)
 
 

@@ -39,7 +39,7 @@ listen = "127.0.0.1:9464"
 [log]
 format = "json"
 level = "WARNING"
-access = false
+access = "all"
 
 [health]
 interval = 0.5
@@ -69,7 +69,7 @@ def test_every_setting_is_read_from_the_file(tmp_path, pin_file):
         database_url="postgresql://keysvc:db-Passw0rd@db.example:5432/keysvc",
         hsm_module="/opt/hsm/lib.so", token_label="prod", pin="987654", pin_file=str(pin_file),
         max_message_bytes=1048576, max_seal_message_bytes=8192, max_batch_items=100,
-        metrics_listen="127.0.0.1:9464", log_format="json", log_level="WARNING", log_access=False,
+        metrics_listen="127.0.0.1:9464", log_format="json", log_level="WARNING", log_access="all",
         health_interval=0.5, health_timeout=2.0,
     )
     assert sources["workers"] == path and sources["pin"] == "the file named by hsm.pin_file"
@@ -101,6 +101,7 @@ def test_the_config_file_can_be_named_by_keysvc_config(tmp_path, pin_file):
     ('[log]\nformat = "xml"', "log.format: must be one of human, json, not 'xml' (from "),
     ('[log]\nlevel = "LOUD"', "log.level: must be one of DEBUG, INFO, WARNING, ERROR"),
     ("[health]\ninterval = 0", "health.interval: must be more than 0 seconds"),
+    ('[log]\naccess = "some"', "log.access: must be one of all, errors, off, not 'some'"),
     ('[metrics]\nlisten = "127.0.0.1:99999"', "metrics.listen: must be host:port"),
     ("[limits]\nmax_batch_items = -1", "limits.max_batch_items: must be at least 1"),
     ('[hsm]\ntokn_label = "x"', "hsm.tokn_label: unknown setting in "),

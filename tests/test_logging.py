@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from keysvc.logs import configure_logging, handler_for, redact
+from keysvc.rpc.server import ServerOptions, create_server
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
 from tests.servers import start_keysvc_server, stop_keysvc_server
 
@@ -100,7 +101,7 @@ def test_human_format_redacts_too():
 
 def test_serve_json_logs_one_event_per_call_with_request_id_rpc_status_duration_and_peer(token, tmp_path, merchant):
     server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log",
-                                 extra_args=("--log-format", "json"))
+                                 extra_args=("--log-format", "json", "--log-access", "all"))
     pan = "4111111111111111"
     try:
         with grpc.insecure_channel(server.address) as channel:
@@ -148,19 +149,24 @@ def test_configure_logging_replaces_the_root_handlers():
     assert len(lines) == 1 and json.loads(lines[0])["message"] == "pin=[REDACTED] shown"
 
 
-def test_the_access_log_can_be_switched_off_without_silencing_the_rest():
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
+@pytest.mark.parametrize("mode, wanted", [("all", ["OK", "NOT_FOUND"]), ("errors", ["NOT_FOUND"]), ("off", [])])
+def test_access_events_for_all_calls_for_failed_calls_only_or_none(domain, merchant, mode, wanted):
     stream = io.StringIO()
+    access = logging.getLogger("keysvc.access")
+    handler = handler_for("json", stream)
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer,
+                                         ServerOptions(reuse_port=False, access_log=mode), signer=domain.signer)
+    grpc_server.start()
     try:
-        configure_logging("json", "INFO", stream, access=False)
-        logging.getLogger("keysvc.access").info("a call")
-        logging.getLogger("keysvc.health").info("health news")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            keys = keys_pb2_grpc.KeyServiceStub(channel)
+            keys.ListKeys(keys_pb2.ListKeysRequest(page_size=1), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                keys.GetKey(keys_pb2.GetKeyRequest(key_id=f"{merchant}/missing"), timeout=10)
     finally:
-        configure_logging("human", "INFO", io.StringIO())
-        for handler in root.handlers[:]:
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
-    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["health news"]
+        grpc_server.stop(None)
+        access.removeHandler(handler)
+        access.setLevel(logging.NOTSET)
+    assert [json.loads(line)["status"] for line in stream.getvalue().splitlines()] == wanted

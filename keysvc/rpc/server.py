@@ -37,6 +37,8 @@ class ServerOptions:
     reflection: bool = True
     # Lets several worker processes listen on one port.
     reuse_port: bool = True
+    # Access log events: "all" calls, the calls not OK ("errors"), or "off" (see interceptors).
+    access_log: str = "errors"
 
 
 def new_grpc_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
@@ -70,7 +72,7 @@ def create_server(
 
     Every unary call is observed (request id, access log, metrics: see
     rpc/interceptors.py); `on_unavailable` is called after a call ends UNAVAILABLE."""
-    server = new_grpc_server(options, [ObservingInterceptor(on_unavailable)])
+    server = new_grpc_server(options, [ObservingInterceptor(on_unavailable, access_log=options.access_log)])
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
     signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(signer), server)
