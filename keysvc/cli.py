@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import sys
 
 import click
@@ -324,6 +325,53 @@ def keys_import(ctx, key_id, secret_file, secret_format, platform, charset, algo
         make_primary=make_primary, **_profile_fields(platform, charset)))
     if response.check_value != expected_check_value:
         click.echo(f"error: the HSM's check value {response.check_value} differs from the secret's "
+                   f"{expected_check_value}", err=True)
+        ctx.exit(EXIT_ERROR)
+    _print(ctx, response, f"imported version {response.version}, check value {response.check_value}\n"
+           + describe_key(response.key))
+
+
+@keys.command("import-private-key")
+@click.argument("key_id")
+@click.option("--private-key-file", type=click.File("rb"), required=True,
+              help="An unencrypted RSA private key, PEM or DER, PKCS#8 or PKCS#1 ('-' for standard input).")
+@click.option("--version", type=int, default=0, help="A version number (default: the next).")
+@click.option("--make-primary", is_flag=True, help="Sign with this version from now on.")
+@click.pass_context
+def keys_import_private_key(ctx, key_id, private_key_file, version, make_primary) -> None:
+    """Import an RSA private key as a version of the SIGN key KEY_ID, wrapped for the HSM in transit
+    (RSA_AES_KEY_WRAP_SHA1). The printed check value is compared with the public key's."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+
+    merchant_id, name = _split_key_id(key_id)
+    raw = private_key_file.read()
+    try:
+        loader = serialization.load_pem_private_key if raw.lstrip().startswith(b"-----") \
+            else serialization.load_der_private_key
+        private_key = loader(raw, password=None)
+    except (ValueError, TypeError):  # their text may quote the key
+        raise click.BadParameter("not an unencrypted PEM or DER private key", param_hint="--private-key-file") \
+            from None
+    if not isinstance(private_key, rsa.RSAPrivateKey) or private_key.key_size not in (2048, 3072, 4096):
+        raise click.BadParameter("must be an RSA key of 2048, 3072 or 4096 bits", param_hint="--private-key-file")
+    spki = private_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    expected_check_value = hashlib.sha256(spki).digest()[:3].hex().upper()
+    client = _client(ctx)
+    parameters = _call(ctx, client.keys.GetImportParameters, keys_pb2.GetImportParametersRequest())
+    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
+    transport_key = os.urandom(32)
+    wrapped = public_key.encrypt(
+        transport_key, padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    ) + aes_key_wrap_with_padding(transport_key, private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    response = _call(ctx, client.keys.ImportKey, keys_pb2.ImportKeyRequest(
+        merchant_id=merchant_id, name=name, purpose=keys_pb2.KEY_PURPOSE_SIGN,
+        algorithm=ALGORITHM_CHOICES[f"rsa-{private_key.key_size}"], wrapped_secret=wrapped,
+        import_key_id=parameters.import_key_id, version=version, make_primary=make_primary))
+    if response.check_value != expected_check_value:
+        click.echo(f"error: the HSM's check value {response.check_value} differs from the key's "
                    f"{expected_check_value}", err=True)
         ctx.exit(EXIT_ERROR)
     _print(ctx, response, f"imported version {response.version}, check value {response.check_value}\n"
