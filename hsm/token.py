@@ -591,9 +591,12 @@ class Hsm:
     # master key with CKM_AES_KEY_WRAP_PAD, like every merchant key. Its public half is
     # returned as DER RSAPublicKey (PKCS#1); it is public.
 
+    # A signing key signs and does nothing else: SoftHSM's defaults would also let it
+    # decrypt and unwrap with raw RSA.
     _PRIVATE_KEY_FOR_USE = {
         Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
         Attribute.VERIFY: DEFAULT, **_NO_EXTRA_CAPABILITIES,
+        Attribute.DECRYPT: False, Attribute.UNWRAP: False, Attribute.SIGN_RECOVER: False,
     }
 
     def generate_wrapped_rsa_key(self, bits: int) -> tuple[bytes, bytes]:
@@ -606,7 +609,7 @@ class Hsm:
                 public_template={Attribute.VERIFY: True, Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT},
                 private_template={
                     Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.SIGN: True,
-                    Attribute.DECRYPT: DEFAULT, Attribute.UNWRAP: DEFAULT,
+                    Attribute.DECRYPT: False, Attribute.UNWRAP: False, Attribute.SIGN_RECOVER: False,
                 },
             )
             try:
@@ -640,12 +643,15 @@ class Hsm:
                               Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT},
                 )
             try:
-                with _general_error_means_bad_wrapping():
-                    private = transport_key.unwrap_key(
-                        ObjectClass.PRIVATE_KEY, KeyType.RSA, transport_blob[block:],
-                        mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
-                        template={**self._PRIVATE_KEY_FOR_USE, Attribute.EXTRACTABLE: True},
-                    )
+                private = transport_key.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, KeyType.RSA, transport_blob[block:],
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
+                    template={**self._PRIVATE_KEY_FOR_USE, Attribute.EXTRACTABLE: True},
+                )
+            except p11.PKCS11Error:
+                # The transport key did unwrap, so the HSM is working: the payload is bad
+                # (SoftHSM answers FunctionFailed for a key that is not RSA PKCS#8).
+                raise HsmUnwrapFailed("the wrapped data is not an RSA private key in PKCS#8") from None
             finally:
                 transport_key.destroy()
             try:

@@ -280,7 +280,7 @@ def read_secret(secret_file, secret_format: str) -> bytes:
                    "and the only text form, for Monetico keys): the 40-character Monetico / CM-CIC key, "
                    "decoded to its 20 bytes as the kits do.")
 @_with_profile_options
-@click.option("--version", type=int, default=0, help="The bank's version number (default: the next).")
+@click.option("--version", type=click.IntRange(0), default=0, help="The bank's version number (default: the next).")
 @click.option("--make-primary", is_flag=True, help="Seal with this version from now on.")
 @click.pass_context
 def keys_import(ctx, key_id, secret_file, secret_format, platform, charset, algorithm, version,
@@ -335,7 +335,7 @@ def keys_import(ctx, key_id, secret_file, secret_format, platform, charset, algo
 @click.argument("key_id")
 @click.option("--private-key-file", type=click.File("rb"), required=True,
               help="An unencrypted RSA private key, PEM or DER, PKCS#8 or PKCS#1 ('-' for standard input).")
-@click.option("--version", type=int, default=0, help="A version number (default: the next).")
+@click.option("--version", type=click.IntRange(0), default=0, help="A version number (default: the next).")
 @click.option("--make-primary", is_flag=True, help="Sign with this version from now on.")
 @click.pass_context
 def keys_import_private_key(ctx, key_id, private_key_file, version, make_primary) -> None:
@@ -420,7 +420,7 @@ def keys_list(ctx, merchant_id) -> None:
 
 @keys.command("set-state")
 @click.argument("key_id")
-@click.argument("version", type=int)
+@click.argument("version", type=click.IntRange(0))
 @click.argument("state", type=click.Choice(list(STATE_CHOICES)))
 @click.pass_context
 def keys_set_state(ctx, key_id, version, state) -> None:
@@ -432,7 +432,7 @@ def keys_set_state(ctx, key_id, version, state) -> None:
 
 @keys.command("set-primary")
 @click.argument("key_id")
-@click.argument("version", type=int)
+@click.argument("version", type=click.IntRange(0))
 @click.pass_context
 def keys_set_primary(ctx, key_id, version) -> None:
     """Seal with VERSION from now on."""
@@ -443,7 +443,7 @@ def keys_set_primary(ctx, key_id, version) -> None:
 
 @keys.command("destroy")
 @click.argument("key_id")
-@click.argument("version", type=int)
+@click.argument("version", type=click.IntRange(0))
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def keys_destroy(ctx, key_id, version, yes) -> None:
@@ -493,7 +493,7 @@ _message_options = [
     click.option("--fields-json", default=None, help="SIPS POST: a JSON object to build Data from."),
     click.option("--base64-data", is_flag=True, help="SIPS POST with Encode=base64."),
     click.option("--encoding", type=click.Choice(list(ENCODING_CHOICES)), default="hex", show_default=True),
-    click.option("--version", type=int, default=0, help="A given version (default: primary / all)."),
+    click.option("--version", type=click.IntRange(0), default=0, help="A given version (default: primary / all)."),
 ]
 
 
@@ -571,7 +571,7 @@ _signature_options = [
     click.option("--message", default=None, help="The message, as UTF-8 text."),
     click.option("--message-file", type=click.File("rb"), default=None, help="The message bytes ('-': stdin)."),
     click.option("--digest", default=None, help="The message's hash (hex) instead of the message."),
-    click.option("--version", type=int, default=0, help="A given version (default: primary / all)."),
+    click.option("--version", type=click.IntRange(0), default=0, help="A given version (default: primary / all)."),
 ]
 
 
@@ -614,7 +614,7 @@ def verify_signature(ctx, key_id, signature, algorithm, message, message_file, d
 
 @keys.command("public-key")
 @click.argument("key_id")
-@click.option("--version", type=int, default=0, help="Default: the primary.")
+@click.option("--version", type=click.IntRange(0), default=0, help="Default: the primary.")
 @click.option("--jwk", is_flag=True, help="Print the JSON Web Key instead of PEM.")
 @click.option("--algorithm", type=click.Choice(list(SIGNATURE_ALGORITHM_CHOICES)), default="rsa-pss-sha256",
               show_default=True, help="The JWK's alg.")
@@ -633,11 +633,12 @@ def keys_public_key(ctx, key_id, version, jwk, algorithm) -> None:
 @click.option("--ip", "ip_addresses", multiple=True, help="An IP address alternative name (repeatable).")
 @click.option("--uri", "uris", multiple=True, help="A URI alternative name (repeatable).")
 @click.option("--email", "emails", multiple=True, help="An e-mail alternative name (repeatable).")
-@click.option("--version", type=int, default=0, help="Default: the primary.")
+@click.option("--version", type=click.IntRange(0), default=0, help="Default: the primary.")
 @click.option("--algorithm", type=click.Choice(list(SIGNATURE_ALGORITHM_CHOICES)), default="rsa-pkcs1-v15-sha256",
               show_default=True)
 @click.option("--self-signed", is_flag=True, help="A self-signed certificate (for tests) instead of a CSR.")
-@click.option("--days", type=int, default=30, show_default=True, help="Validity of a self-signed certificate.")
+@click.option("--days", type=click.IntRange(1, 825), default=30, show_default=True,
+              help="Validity of a self-signed certificate.")
 @click.pass_context
 def keys_csr(ctx, key_id, subject, dns_names, ip_addresses, uris, emails, version, algorithm, self_signed,
              days) -> None:

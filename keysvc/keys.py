@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from dataclasses import dataclass, replace
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 import hsm
 from keysvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -212,10 +216,27 @@ class KeyManager:
             ) from None
         except hsm.HsmError as error:
             raise Unavailable(f"the HSM is unavailable: {error}") from None
-        bits = serialization.load_der_public_key(public_der).key_size
-        if bits != algorithm.rsa_bits:
-            raise InvalidArgument("wrapped_secret", f"holds an RSA-{bits} key, not {algorithm.value}")
+        public_key = serialization.load_der_public_key(public_der)
+        if public_key.key_size != algorithm.rsa_bits:
+            raise InvalidArgument("wrapped_secret", f"holds an RSA-{public_key.key_size} key, not {algorithm.value}")
+        self._check_private_key_matches(wrapped, public_key)
         return NewMaterial(wrapped, public_key_check_value(public_der), KeyOrigin.IMPORTED)
+
+    def _check_private_key_matches(self, wrapped: bytes, public_key) -> None:
+        """Signs a probe in the HSM and checks it with the public key: a damaged private
+        key (its public half intact) would otherwise sign what nobody can verify."""
+        probe = hashlib.sha256(b"keysvc import check").digest()
+        with hsm_errors():
+            handle = self._hsm.load_private_key(wrapped)
+            try:
+                [signature] = self._hsm.rsa_sign_digests(handle, hsm.RsaPadding.PKCS1_V15, hsm.Digest.SHA256, [probe])
+            finally:
+                self._hsm.release_secret(handle)
+        try:
+            public_key.verify(signature, probe, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        except InvalidSignature:
+            raise InvalidArgument("wrapped_secret", "holds an RSA private key that does not match its own "
+                                                    "public key") from None
 
     def _new_version(self, key: Key, number: int, material: NewMaterial) -> KeyVersion:
         version = KeyVersion(
