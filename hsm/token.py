@@ -26,6 +26,7 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
+from pkcs11.mechanisms import GCMParams
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from hsm.direct import CKR_KEY_SIZE_RANGE, DirectSigner, DirectSignError
@@ -46,6 +47,10 @@ MASTER_KEY_LABEL = "keysvc-master-1"
 BINDING_KEY_LABEL = "keysvc-binding-1"
 IMPORT_KEY_LABEL = "keysvc-import-1"
 IMPORT_KEY_BITS = 3072
+
+# AES-GCM as keysvc uses it: 96-bit random nonces, 128-bit tags.
+GCM_NONCE_BYTES = 12
+GCM_TAG_BITS = 128
 
 # One lock for every PKCS#11 call in the process, whatever object makes it.
 _PROCESS_LOCK = threading.RLock()
@@ -493,3 +498,116 @@ class Hsm:
         with self._locked():
             self._require_token_keys()
             return self._binding_key.sign(data, mechanism=Mechanism.SHA256_HMAC)
+
+    # -- AES-256-GCM data keys ---------------------------------------------------------
+    #
+    # A data key is generated in the HSM, leaves it only wrapped under the master key,
+    # and is used as a non-extractable session object. Nonces are 96 random bits from
+    # the operating system's CSPRNG (NIST SP 800-38D 8.2.2: at most 2^32 encryptions
+    # per key with random nonces; callers rotate data keys well before that).
+
+    def generate_wrapped_aes_key(self) -> bytes:
+        """Generates an AES-256 key and returns it wrapped under the master key
+        (CKM_AES_KEY_WRAP_PAD). The plaintext key never leaves the HSM."""
+        with self._locked() as session:
+            self._require_token_keys()
+            secret = session.generate_key(
+                KeyType.AES, 256, store=False,
+                template={
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                    Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+                    Attribute.WRAP: False, Attribute.UNWRAP: False,
+                },
+            )
+            try:
+                return self._master_key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            finally:
+                secret.destroy()
+
+    def load_aes_key(self, wrapped_key: bytes) -> SecretKeyHandle:
+        """Unwraps a master-key-wrapped AES key into a non-extractable session key that
+        encrypts and decrypts only. Release it with release_secret.
+
+        Raises HsmUnwrapFailed when the data is damaged or from another master key.
+        """
+        with self._locked():
+            self._require_token_keys()
+            with _general_error_means_bad_wrapping():
+                key = self._master_key.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped_key,
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                    store=False,
+                    template={
+                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                        Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+                        Attribute.WRAP: DEFAULT, Attribute.UNWRAP: DEFAULT,
+                        Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT,
+                    },
+                )
+            return SecretKeyHandle(key, self.generation)
+
+    def encrypt_gcm_many(
+        self, handle: SecretKeyHandle, items: Iterable[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """AES-GCM (128-bit tag) of each (plaintext, associated data) under one key,
+        taking the lock once. Returns (nonce, ciphertext with its tag) per item."""
+        items = list(items)
+        nonces = [os.urandom(GCM_NONCE_BYTES) for _ in items]
+        with self._locked():
+            key = self._check_current(handle)
+            return [
+                (nonce, key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                    mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
+                for nonce, (plaintext, aad) in zip(nonces, items)
+            ]
+
+    def decrypt_gcm_many(
+        self, handle: SecretKeyHandle, items: Iterable[tuple[bytes, bytes, bytes]]
+    ) -> list[bytes | None]:
+        """Decrypts each (nonce, ciphertext with tag, associated data) under one key,
+        taking the lock once. An item that fails authentication (wrong key, data or
+        associated data) gives None; the others are unaffected."""
+        with self._locked():
+            key = self._check_current(handle)
+            return [self._gcm_open(key, nonce, ciphertext, aad) for nonce, ciphertext, aad in items]
+
+    def reencrypt_gcm_many(
+        self,
+        old_handle: SecretKeyHandle,
+        new_handle: SecretKeyHandle,
+        items: Iterable[tuple[bytes, bytes, bytes, bytes]],
+    ) -> list[tuple[bytes, bytes] | None]:
+        """Moves each (nonce, ciphertext, old associated data, new associated data) from
+        the old key to the new one in one locked call: each plaintext exists outside the
+        HSM only between its decryption and its encryption. An item that fails
+        authentication under the old key gives None."""
+        items = list(items)
+        nonces = [os.urandom(GCM_NONCE_BYTES) for _ in items]
+        with self._locked():
+            old_key = self._check_current(old_handle)
+            new_key = self._check_current(new_handle)
+            moved: list[tuple[bytes, bytes] | None] = []
+            for new_nonce, (nonce, ciphertext, old_aad, new_aad) in zip(nonces, items):
+                plaintext = self._gcm_open(old_key, nonce, ciphertext, old_aad)
+                if plaintext is None:
+                    moved.append(None)
+                    continue
+                moved.append((new_nonce, new_key.encrypt(
+                    plaintext, mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(new_nonce, new_aad, GCM_TAG_BITS))))
+                del plaintext
+            return moved
+
+    def _gcm_open(self, key: pkcs11.SecretKey, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
+        # Called under the lock. SoftHSM answers a failed tag check with
+        # CKR_GENERAL_ERROR, as it would a broken session: a probe with the same key
+        # tells them apart, so that a real HSM failure still reads as unavailable.
+        if len(nonce) != GCM_NONCE_BYTES or len(ciphertext) < GCM_TAG_BITS // 8:
+            return None
+        try:
+            return key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS))
+        except (p11.GeneralError, p11.EncryptedDataInvalid, p11.EncryptedDataLenRange):
+            key.encrypt(b"", mechanism=Mechanism.AES_GCM,
+                        mechanism_param=GCMParams(bytes(GCM_NONCE_BYTES), b"probe", GCM_TAG_BITS))
+            return None
