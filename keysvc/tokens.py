@@ -152,8 +152,12 @@ def check_domain(domain: str) -> str:
 
 
 def check_token(token: str, field_name: str) -> str:
+    """The token, if it can be one. A card number given as a token is refused here,
+    before it reaches the database (no FORMAT_PRESERVING token is Luhn-valid)."""
     if not _TOKEN.fullmatch(token):
         raise InvalidArgument(field_name, "is not a token (1 to 32 letters, digits or _)", reason="INVALID_TOKEN")
+    if 12 <= len(token) <= 19 and token.isdigit() and luhn_valid(token):
+        raise InvalidArgument(field_name, "is a card number, not a token", reason="PAN_GIVEN_AS_TOKEN")
     return token
 
 

@@ -258,7 +258,8 @@ def test_full_token_space_is_an_item_error(domain, merchant):
     middle = next(x for x in range(10**6) if not luhn_valid("411111" + f"{x:06d}" + pans[0][-4:]))
     generator = TokenGenerator(lambda bound: middle)
     tokenizer = Tokenizer(domain.hsm, TokenStore(domain.store.engine), detokenize_allowed=True, generator=generator)
-    first, second = tokenize(tokenizer, merchant, *pans, keep_bin=True)
+    [first] = tokenize(tokenizer, merchant, pans[0], keep_bin=True)
+    [second] = tokenize(tokenizer, merchant, pans[1], keep_bin=True)
     assert isinstance(first, Tokenized)
     assert isinstance(second, FailedPrecondition) and second.reason == "TOKEN_SPACE_EXHAUSTED"
 
@@ -296,10 +297,13 @@ def test_detokenize_is_off_unless_allowed(domain, merchant):
 def test_detokenize_item_errors(tokenizer, merchant):
     pan = random_pan()
     token = one(tokenizer, merchant, pan).token
-    results = tokenizer.detokenize(merchant, [token, "0000000000000000", "bad token!", token])
+    results = tokenizer.detokenize(merchant, [token, "0000000000000001", "bad token!", token, pan])
     assert results[0].pan == pan and results[3].pan == pan
     assert isinstance(results[1], NotFound) and results[1].reason == "TOKEN_NOT_FOUND"
     assert isinstance(results[2], InvalidArgument) and results[2].field == "tokens[2]"
+    # A card number where a token belongs never reaches the database.
+    assert isinstance(results[4], InvalidArgument) and results[4].reason == "PAN_GIVEN_AS_TOKEN"
+    assert pan not in str(results[4])
     with pytest.raises(NotFound):
         tokenizer.detokenize(merchant + "-unknown", [token])
     # A token is found in its own domain only.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 from keysvc.store import _as_utc, _database_errors
@@ -22,6 +23,8 @@ from keysvc.store.schema import token_data_keys, token_domains, tokens
 
 # Rows read or written per statement in the background jobs (purge, rewrap).
 JOB_BATCH = 500
+_DEADLOCK_DETECTED = "40P01"
+_DEADLOCK_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -207,18 +210,31 @@ class TokenStore:
             return set()
         domain = records[0].domain
         assert all(record.domain == domain for record in records)
+        # One order for every writer, so that batches sharing PANs take the unique
+        # index's locks in the same order (PostgreSQL otherwise finds deadlocks).
+        records = sorted(records, key=lambda record: (record.fingerprint, record.token))
         fingerprints = [record.fingerprint for record in records if record.deterministic]
-        with _database_errors(), self._engine.begin() as connection:
-            if fingerprints:
-                connection.execute(sa.delete(tokens).where(
-                    tokens.c.domain == domain, tokens.c.deterministic,
-                    tokens.c.fingerprint.in_(fingerprints), tokens.c.expires_at <= now,
-                ))
-            connection.execute(self._insert(tokens), [_token_values(record) for record in records])
-            stored = connection.execute(
-                sa.select(tokens.c.token, tokens.c.nonce).where(
-                    tokens.c.domain == domain, tokens.c.token.in_([record.token for record in records]))
-            ).all()
+        for attempt in range(_DEADLOCK_ATTEMPTS):
+            try:
+                with self._engine.begin() as connection:
+                    if fingerprints:
+                        connection.execute(sa.delete(tokens).where(
+                            tokens.c.domain == domain, tokens.c.deterministic,
+                            tokens.c.fingerprint.in_(fingerprints), tokens.c.expires_at <= now,
+                        ))
+                    connection.execute(self._insert(tokens), [_token_values(record) for record in records])
+                    stored = connection.execute(
+                        sa.select(tokens.c.token, tokens.c.nonce).where(
+                            tokens.c.domain == domain, tokens.c.token.in_([record.token for record in records]))
+                    ).all()
+                break
+            except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError) as error:
+                # A deadlock the database broke by rolling this transaction back: nothing
+                # was written, so doing it again is safe.
+                deadlock = getattr(error.orig, "sqlstate", None) == _DEADLOCK_DETECTED
+                if not deadlock or attempt + 1 == _DEADLOCK_ATTEMPTS:
+                    with _database_errors():
+                        raise
         nonces = {record.token: record.nonce for record in records}
         # A nonce is 96 random bits: the row holding ours is the row we wrote.
         return {row.token for row in stored if nonces.get(row.token) == row.nonce}
