@@ -29,7 +29,7 @@ from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from hsm.direct import CKR_KEY_SIZE_RANGE, DirectSigner, DirectSignError
+from hsm.direct import CKR_KEY_SIZE_RANGE, DirectCipher, DirectSigner, DirectSignError
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
@@ -51,6 +51,9 @@ IMPORT_KEY_BITS = 3072
 # AES-GCM as keysvc uses it: 96-bit random nonces, 128-bit tags.
 GCM_NONCE_BYTES = 12
 GCM_TAG_BITS = 128
+# What SoftHSM answers C_Decrypt when a GCM tag does not verify: CKR_GENERAL_ERROR,
+# CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE.
+_GCM_TAG_FAILURES = (0x05, 0x40, 0x41)
 
 # One lock for every PKCS#11 call in the process, whatever object makes it.
 _PROCESS_LOCK = threading.RLock()
@@ -176,6 +179,7 @@ class Hsm:
         self._import_private_key = None
         self._import_public_der = b""
         self._direct: DirectSigner | None = None
+        self._direct_cipher: DirectCipher | None = None
         # Set by a failure that needs the module and session re-opened before the next call.
         self._recovering = False
         self._next_recovery = 0.0
@@ -229,6 +233,7 @@ class Hsm:
         public = self._find_key(ObjectClass.PUBLIC_KEY, IMPORT_KEY_LABEL)
         self._import_public_der = encode_rsa_public_key(public) if public is not None else b""
         self._direct = self._checked_direct_signer()
+        self._direct_cipher = self._checked_direct_cipher()
 
     @property
     def signs_directly(self) -> bool:
@@ -251,6 +256,38 @@ class Hsm:
             same = direct.sign_many(self._session.handle, probe_key.handle, int(Mechanism.SHA256_HMAC), [probe])
             return direct if same == [expected] else None
         except DirectSignError:
+            return None
+        finally:
+            probe_key.destroy()
+
+    def _checked_direct_cipher(self) -> DirectCipher | None:
+        """The GIL-holding AES-GCM path, if it agrees with python-pkcs11 on this module
+        both ways and refuses a wrong tag."""
+        try:
+            direct = DirectCipher(self._config.module_path)
+            probe_key = self._session.generate_key(
+                KeyType.AES, 256, store=False,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
+            )
+        except (OSError, AttributeError, p11.PKCS11Error):
+            return None
+        try:
+            nonce, aad, probe = bytes(range(GCM_NONCE_BYTES)), b"keysvc probe aad", b"keysvc direct gcm self-test"
+            session, key = self._session.handle, probe_key.handle
+            sealed = direct.gcm_encrypt(session, key, nonce, probe, aad, GCM_TAG_BITS)
+            params = GCMParams(nonce, aad, GCM_TAG_BITS)
+            if probe_key.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=params) != probe:
+                return None
+            theirs = probe_key.encrypt(probe, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            if direct.gcm_decrypt(session, key, nonce, theirs, aad, GCM_TAG_BITS) != probe:
+                return None
+            try:
+                direct.gcm_decrypt(session, key, nonce, theirs, b"another aad", GCM_TAG_BITS)
+                return None  # a wrong tag must not decrypt
+            except DirectSignError:
+                return direct
+        except (DirectSignError, p11.PKCS11Error):
             return None
         finally:
             probe_key.destroy()
@@ -555,11 +592,8 @@ class Hsm:
         nonces = [os.urandom(GCM_NONCE_BYTES) for _ in items]
         with self._locked():
             key = self._check_current(handle)
-            return [
-                (nonce, key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                    mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
-                for nonce, (plaintext, aad) in zip(nonces, items)
-            ]
+            return [(nonce, self._gcm_seal(key, nonce, plaintext, aad))
+                    for nonce, (plaintext, aad) in zip(nonces, items)]
 
     def decrypt_gcm_many(
         self, handle: SecretKeyHandle, items: Iterable[tuple[bytes, bytes, bytes]]
@@ -589,14 +623,21 @@ class Hsm:
             moved: list[tuple[bytes, bytes] | None] = []
             for new_nonce, (nonce, ciphertext, old_aad, new_aad) in zip(nonces, items):
                 plaintext = self._gcm_open(old_key, nonce, ciphertext, old_aad)
-                if plaintext is None:
-                    moved.append(None)
-                    continue
-                moved.append((new_nonce, new_key.encrypt(
-                    plaintext, mechanism=Mechanism.AES_GCM,
-                    mechanism_param=GCMParams(new_nonce, new_aad, GCM_TAG_BITS))))
+                moved.append(None if plaintext is None
+                             else (new_nonce, self._gcm_seal(new_key, new_nonce, plaintext, new_aad)))
                 del plaintext
             return moved
+
+    def _gcm_seal(self, key: pkcs11.SecretKey, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        # Called under the lock.
+        if self._direct_cipher is None:
+            return key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS))
+        try:
+            return self._direct_cipher.gcm_encrypt(self._session.handle, key.handle, nonce, plaintext, aad,
+                                                   GCM_TAG_BITS)
+        except DirectSignError as error:
+            raise self._direct_error(error) from None
 
     def _gcm_open(self, key: pkcs11.SecretKey, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
         # Called under the lock. SoftHSM answers a failed tag check with
@@ -605,9 +646,15 @@ class Hsm:
         if len(nonce) != GCM_NONCE_BYTES or len(ciphertext) < GCM_TAG_BITS // 8:
             return None
         try:
-            return key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
-                               mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS))
+            if self._direct_cipher is None:
+                return key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
+                                   mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS))
+            return self._direct_cipher.gcm_decrypt(self._session.handle, key.handle, nonce, ciphertext, aad,
+                                                   GCM_TAG_BITS)
+        except DirectSignError as error:
+            if error.return_value not in _GCM_TAG_FAILURES:
+                raise self._direct_error(error) from None
         except (p11.GeneralError, p11.EncryptedDataInvalid, p11.EncryptedDataLenRange):
-            key.encrypt(b"", mechanism=Mechanism.AES_GCM,
-                        mechanism_param=GCMParams(bytes(GCM_NONCE_BYTES), b"probe", GCM_TAG_BITS))
-            return None
+            pass
+        self._gcm_seal(key, bytes(GCM_NONCE_BYTES), b"", b"keysvc probe")  # raises if the HSM is failing
+        return None

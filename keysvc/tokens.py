@@ -101,21 +101,29 @@ _BRAND_RANGES: tuple[tuple[int, int, int, CardBrand], ...] = (
 )
 
 
+# Each digit byte mapped to the byte of its Luhn-doubled value's digit sum.
+_LUHN_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
+
+
 def luhn_valid(digits: str) -> bool:
-    """Whether a digit string passes the Luhn check (ISO/IEC 7812-1 annex B)."""
-    total = 0
-    for position, character in enumerate(reversed(digits)):
-        digit = ord(character) - 48
-        if position % 2:
-            digit = digit * 2 - 9 if digit > 4 else digit * 2
-        total += digit
+    """Whether an ASCII digit string passes the Luhn check (ISO/IEC 7812-1 annex B)."""
+    encoded = digits.encode("ascii")
+    total = sum(encoded[-1::-2]) + sum(encoded[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(encoded)
     return total % 10 == 0
+
+
+# The brand ranges over the first 4 digits: (lowest, highest) inclusive.
+_BRAND_RANGES_4 = tuple(
+    (lowest * 10 ** (4 - length), (highest + 1) * 10 ** (4 - length) - 1, brand)
+    for length, lowest, highest, brand in _BRAND_RANGES
+)
 
 
 def card_brand(pan: str) -> CardBrand:
     """The card scheme the PAN's leading digits belong to (OTHER when none matches)."""
-    for length, lowest, highest, brand in _BRAND_RANGES:
-        if lowest <= int(pan[:length]) <= highest:
+    leading = int(pan[:4])
+    for lowest, highest, brand in _BRAND_RANGES_4:
+        if lowest <= leading <= highest:
             return brand
     return CardBrand.OTHER
 
@@ -437,7 +445,10 @@ class Tokenizer:
         evicted = []
         with self._lock:
             current = self._domains.get(domain)
-            if current is not None and current.record.revision > record.revision and not current.released:
+            if (current is not None and not current.released and current.generation == keys.generation
+                    and current.record.revision >= record.revision):
+                # As new as ours (another thread loaded it meanwhile): keep the installed
+                # copy, so that callers holding it are not sent to retry.
                 keys, superseded = current, keys
             else:
                 superseded = current

@@ -23,6 +23,9 @@ from keysvc.store.schema import token_data_keys, token_domains, tokens
 
 # Rows read or written per statement in the background jobs (purge, rewrap).
 JOB_BATCH = 500
+# The partial unique index's own predicate, written as in the index: SQLite uses a
+# partial index only when the query repeats its WHERE term (`deterministic = 1` does not).
+_DETERMINISTIC = sa.text("tokens.deterministic")
 _DEADLOCK_DETECTED = "40P01"
 _DEADLOCK_ATTEMPTS = 5
 
@@ -195,7 +198,7 @@ class TokenStore:
         if not fingerprints:
             return {}
         query = sa.select(tokens).where(
-            tokens.c.domain == domain, tokens.c.deterministic,
+            tokens.c.domain == domain, _DETERMINISTIC,
             tokens.c.token_format == token_format, tokens.c.keep_bin == keep_bin,
             tokens.c.fingerprint.in_(fingerprints),
         )
@@ -219,7 +222,7 @@ class TokenStore:
                 with self._engine.begin() as connection:
                     if fingerprints:
                         connection.execute(sa.delete(tokens).where(
-                            tokens.c.domain == domain, tokens.c.deterministic,
+                            tokens.c.domain == domain, _DETERMINISTIC,
                             tokens.c.fingerprint.in_(fingerprints), tokens.c.expires_at <= now,
                         ))
                     connection.execute(self._insert(tokens), [_token_values(record) for record in records])
