@@ -100,21 +100,29 @@ class DirectCipher:
                                     (self._decrypt_init, init_arguments), (self._decrypt, run_arguments)):
             function.argtypes = arguments
             function.restype = ctypes.c_ulong
+        # Made once and refilled per call: building ctypes objects costs more than the HSM's work.
+        self._params = _GcmParams()
+        self._mechanism = _Mechanism(CKM_AES_GCM, ctypes.cast(ctypes.pointer(self._params), ctypes.c_void_p),
+                                     ctypes.sizeof(self._params))
+        self._mechanism_pointer = ctypes.byref(self._mechanism)
+        self._output = ctypes.create_string_buffer(4096)
+        self._length = ctypes.c_ulong()
+        self._length_pointer = ctypes.byref(self._length)
 
     def _run(self, init, run, session_handle: int, key_handle: int, nonce: bytes, data: bytes, aad: bytes,
              tag_bits: int, output_length: int) -> bytes:
-        params = _GcmParams(nonce, len(nonce), len(nonce) * 8, aad, len(aad), tag_bits)
-        mechanism = _Mechanism(CKM_AES_GCM, ctypes.cast(ctypes.pointer(params), ctypes.c_void_p),
-                               ctypes.sizeof(params))
-        result = init(session_handle, ctypes.byref(mechanism), key_handle)
+        params = self._params
+        params.iv, params.iv_length, params.iv_bits = nonce, len(nonce), len(nonce) * 8
+        params.aad, params.aad_length, params.tag_bits = aad, len(aad), tag_bits
+        result = init(session_handle, self._mechanism_pointer, key_handle)
         if result != CKR_OK:
             raise DirectSignError(result)
-        output = ctypes.create_string_buffer(max(output_length, 1))
-        length = ctypes.c_ulong(len(output))
-        result = run(session_handle, data, len(data), output, ctypes.byref(length))
+        output = self._output if output_length <= len(self._output) else ctypes.create_string_buffer(output_length)
+        self._length.value = len(output)
+        result = run(session_handle, data, len(data), output, self._length_pointer)
         if result != CKR_OK:
             raise DirectSignError(result)
-        return output.raw[: length.value]
+        return ctypes.string_at(output, self._length.value)
 
     def gcm_encrypt(self, session_handle: int, key_handle: int, nonce: bytes, plaintext: bytes, aad: bytes,
                     tag_bits: int) -> bytes:

@@ -533,18 +533,23 @@ class Tokenizer:
         expires_at = now + options.ttl if options.ttl is not None else None
         fingerprint_of = dict(zip(valid, fingerprints))
         results: dict[int, tuple[TokenRecord, bool]] = {}
+        # Expired tokens of these PANs: deleted as their PANs get new tokens.
+        expired: set[str] = set()
         if not options.fresh:
             found = self._store.find_deterministic(
                 domain, list(pending), options.token_format.value, options.keep_bin)
             for fingerprint, record in found.items():
                 if record.expires_at is None or record.expires_at > now:
                     results[pending[fingerprint][0]] = (record, False)
+                else:
+                    expired.add(record.token)
         firsts = [indexes[0] for indexes in pending.values() if indexes[0] not in results]
         for _attempt in range(TOKEN_ATTEMPTS):
             if not firsts:
                 break
             _check_deadline(deadline)
-            firsts = self._insert_new(domain, request.pans, firsts, fingerprint_of, options, now, expires_at, results)
+            firsts = self._insert_new(
+                domain, request.pans, firsts, fingerprint_of, options, now, expires_at, results, expired)
         for index in firsts:
             outcomes[index] = FailedPrecondition(
                 f"pans[{index}]: no free token found after {TOKEN_ATTEMPTS} tries (the token space of this "
@@ -564,9 +569,11 @@ class Tokenizer:
                 outcomes[index] = outcomes[first]
         return outcomes
 
-    def _insert_new(self, domain, pans, indexes, fingerprint_of, options, now, expires_at, results) -> list[int]:
+    def _insert_new(self, domain, pans, indexes, fingerprint_of, options, now, expires_at, results,
+                    expired: set[str]) -> list[int]:
         """Makes, encrypts and inserts a token for each PAN at `indexes`; fills
-        `results` and returns the indexes to try again (their token was taken)."""
+        `results` and returns the indexes to try again (their token was taken, or an
+        expired token of their PAN, now in `expired`, stood in the way)."""
         tokens = [self._generator.token(pans[index], options) for index in indexes]
 
         def encrypt(keys: _DomainKeys):
@@ -586,7 +593,8 @@ class Tokenizer:
             )
             for index, token, (nonce, ciphertext) in zip(indexes, tokens, sealed)
         ]
-        inserted = self._store.insert_tokens(records, now)
+        inserted = self._store.insert_tokens(records, now, sorted(expired))
+        expired.clear()
         retry, lost = [], []
         for index, record in zip(indexes, records):
             if record.token in inserted:
@@ -605,6 +613,8 @@ class Tokenizer:
                 if winner is not None and (winner.expires_at is None or winner.expires_at > now):
                     results[index] = (winner, False)
                 else:
+                    if winner is not None:
+                        expired.add(winner.token)
                     retry.append(index)
         return retry
 

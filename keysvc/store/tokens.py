@@ -205,10 +205,11 @@ class TokenStore:
         with _database_errors(), self._engine.connect() as connection:
             return {row.fingerprint: _token_from_row(row) for row in connection.execute(query)}
 
-    def insert_tokens(self, records: list[TokenRecord], now: datetime) -> set[str]:
+    def insert_tokens(self, records: list[TokenRecord], now: datetime, expired: list[str] = ()) -> set[str]:
         """Inserts the rows that conflict with no existing token or deterministic PAN,
-        in one transaction, and returns the tokens of the rows inserted. Expired
-        deterministic tokens of the same PANs are deleted first, so that they give way."""
+        in one transaction, and returns the tokens of the rows inserted. The `expired`
+        tokens, if still expired at `now`, are deleted first, so that their PANs' new
+        deterministic tokens can take their place."""
         if not records:
             return set()
         domain = records[0].domain
@@ -216,21 +217,18 @@ class TokenStore:
         # One order for every writer, so that batches sharing PANs take the unique
         # index's locks in the same order (PostgreSQL otherwise finds deadlocks).
         records = sorted(records, key=lambda record: (record.fingerprint, record.token))
-        fingerprints = [record.fingerprint for record in records if record.deterministic]
+        values = [_token_values(record) for record in records]
         for attempt in range(_DEADLOCK_ATTEMPTS):
             try:
                 with self._engine.begin() as connection:
-                    if fingerprints:
+                    if expired:
                         connection.execute(sa.delete(tokens).where(
-                            tokens.c.domain == domain, _DETERMINISTIC,
-                            tokens.c.fingerprint.in_(fingerprints), tokens.c.expires_at <= now,
+                            tokens.c.domain == domain, tokens.c.token.in_(list(expired)),
+                            tokens.c.expires_at <= now,
                         ))
-                    connection.execute(self._insert(tokens), [_token_values(record) for record in records])
-                    stored = connection.execute(
-                        sa.select(tokens.c.token, tokens.c.nonce).where(
-                            tokens.c.domain == domain, tokens.c.token.in_([record.token for record in records]))
-                    ).all()
-                break
+                    # RETURNING lists the rows inserted; conflicting ones are skipped.
+                    inserted = connection.execute(self._insert(tokens).returning(tokens.c.token), values)
+                    return set(inserted.scalars().all())
             except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError) as error:
                 # A deadlock the database broke by rolling this transaction back: nothing
                 # was written, so doing it again is safe.
@@ -238,9 +236,7 @@ class TokenStore:
                 if not deadlock or attempt + 1 == _DEADLOCK_ATTEMPTS:
                     with _database_errors():
                         raise
-        nonces = {record.token: record.nonce for record in records}
-        # A nonce is 96 random bits: the row holding ours is the row we wrote.
-        return {row.token for row in stored if nonces.get(row.token) == row.nonce}
+        raise AssertionError("unreachable")
 
     def load_tokens(self, domain: str, token_values: list[str]) -> dict[str, TokenRecord]:
         if not token_values:
