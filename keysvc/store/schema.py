@@ -107,5 +107,9 @@ Index(
     "ux_tokens_pan", tokens.c.domain, tokens.c.fingerprint, tokens.c.token_format, tokens.c.keep_bin,
     unique=True, sqlite_where=text("deterministic"), postgresql_where=text("deterministic"),
 )
-Index("ix_tokens_expires_at", tokens.c.expires_at)
+# Tokens without a TTL (most of them) stay out of the purge's index.
+Index(
+    "ix_tokens_expires_at", tokens.c.expires_at,
+    sqlite_where=text("expires_at IS NOT NULL"), postgresql_where=text("expires_at IS NOT NULL"),
+)
 Index("ix_tokens_key_version", tokens.c.domain, tokens.c.key_version)

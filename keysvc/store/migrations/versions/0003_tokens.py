@@ -55,7 +55,11 @@ def upgrade() -> None:
         "ux_tokens_pan", "tokens", ["domain", "fingerprint", "token_format", "keep_bin"], unique=True,
         sqlite_where=sa.text("deterministic"), postgresql_where=sa.text("deterministic"),
     )
-    op.create_index("ix_tokens_expires_at", "tokens", ["expires_at"])
+    # Tokens without a TTL (most of them) stay out of the purge's index.
+    op.create_index(
+        "ix_tokens_expires_at", "tokens", ["expires_at"],
+        sqlite_where=sa.text("expires_at IS NOT NULL"), postgresql_where=sa.text("expires_at IS NOT NULL"),
+    )
     op.create_index("ix_tokens_key_version", "tokens", ["domain", "key_version"])
 
 
