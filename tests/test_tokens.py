@@ -479,3 +479,85 @@ def test_round_trip(tokenizer, pan, token_format, keep_bin, fresh):
         assert len(result.token) == len(pan) and result.token[-4:] == pan[-4:] and not luhn_valid(result.token)
     assert pan_of(tokenizer, domain, result.token) == pan
     assert one(tokenizer, domain, pan, token_format=token_format, keep_bin=keep_bin).token == result.token or fresh
+
+
+# -- migration, purge job, HSM recovery ------------------------------------------------------------
+
+
+def test_migration_0003_matches_the_schema_and_downgrades(database_url):
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from keysvc.store import _alembic_config
+    from keysvc.store.schema import metadata
+
+    store = KeyStore.open(database_url)
+    try:
+        with store.engine.connect() as connection:
+            differences = compare_metadata(MigrationContext.configure(connection), metadata)
+        token_tables = {"tokens", "token_domains", "token_data_keys"}
+        assert [d for d in differences if token_tables & set(map(str, _names(d)))] == []
+        config = _alembic_config()
+        with store.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0002")
+        assert not token_tables & set(sa.inspect(store.engine).get_table_names())
+        with store.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        assert token_tables <= set(sa.inspect(store.engine).get_table_names())
+    finally:
+        store.close()
+
+
+def _names(difference) -> list:
+    """Table names an autogenerate difference mentions (it nests tuples and objects)."""
+    found = []
+    for part in difference if isinstance(difference, (list, tuple)) else [difference]:
+        if isinstance(part, (list, tuple)):
+            found += _names(part)
+        elif isinstance(part, sa.Table):
+            found.append(part.name)
+        elif isinstance(part, (sa.Index, sa.Column)) and part.table is not None:
+            found.append(part.table.name)
+        elif isinstance(part, str):
+            found.append(part)
+    return found
+
+
+def test_serving_processes_purge_expired_tokens(domain, merchant):
+    import threading
+    import time
+
+    from keysvc.service import _purge_expired_tokens
+
+    clock = Clock()
+    tokenizer = Tokenizer(domain.hsm, TokenStore(domain.store.engine), detokenize_allowed=True, clock=clock)
+    made = one(tokenizer, merchant, random_pan(), ttl=timedelta(seconds=30))
+    clock.now += timedelta(seconds=30)
+    stop = threading.Event()
+    job = threading.Thread(target=_purge_expired_tokens, args=(tokenizer, 0.01, stop))
+    job.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not TokenStore(domain.store.engine).load_tokens(merchant, [made.token]):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the purge job did not delete the expired token within 10 s")
+    finally:
+        stop.set()
+        job.join(5)
+
+
+def test_tokens_survive_an_hsm_reinitialisation(hsm_token, tokenizer, merchant):
+    pan = random_pan()
+    made = one(tokenizer, merchant, pan)  # the domain's handles are cached now
+    generation = hsm_token.generation
+    with hsm_token.exclusive():
+        hsm_token._schedule_recovery()  # as after an HSM failure: the next call re-opens the module
+    assert pan_of(tokenizer, merchant, made.token) == pan
+    assert hsm_token.generation == generation + 1
+    assert one(tokenizer, merchant, pan).token == made.token
