@@ -589,6 +589,9 @@ def main() -> None:
                         help="unary calls in flight per cell")
     parser.add_argument("--parts", nargs="+", choices=["seals", "tokens"], default=["seals", "tokens"],
                         help="which tables to measure")
+    parser.add_argument("--database", default="",
+                        help="keysvc's database URL (default: SQLite in the temporary folder); an empty "
+                             "PostgreSQL database is best, the run leaves its rows there")
     args = parser.parse_args()
     args.channels = args.channels or (1 if args.workers == 1 else 4 * args.workers)
 
@@ -613,7 +616,7 @@ def main() -> None:
         keysvc_bin = python_bin.parent / "keysvc"
         keysvc_command = [str(keysvc_bin)] if keysvc_bin.exists() else [str(python_bin), "-m", "keysvc.cli"]
         keysvc = Server.start("keysvc", keysvc_command + [
-            "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite:///{tmp}/k.db",
+            "serve", "--listen", "127.0.0.1:0", "--database", args.database or f"sqlite:///{tmp}/k.db",
             "--token-label", TOKEN_LABEL, "--workers", str(args.workers), "--allow-detokenize",
         ], env, tmp / "keysvc.log")
         servers.append(keysvc)
