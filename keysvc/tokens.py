@@ -550,23 +550,18 @@ class Tokenizer:
             _check_deadline(deadline)
             firsts = self._insert_new(
                 domain, request.pans, firsts, fingerprint_of, options, now, expires_at, results, expired)
-        for index in firsts:
-            outcomes[index] = FailedPrecondition(
-                f"pans[{index}]: no free token found after {TOKEN_ATTEMPTS} tries (the token space of this "
-                "BIN and last 4 is nearly full; use OPAQUE or drop keep_bin)", reason="TOKEN_SPACE_EXHAUSTED")
-        duplicates = {}
-        for key, indexes in pending.items():
-            for index in indexes[1:]:
-                duplicates[index] = indexes[0]
+        first_of = {index: indexes[0] for indexes in pending.values() for index in indexes}
         for index in valid:
-            first = duplicates.get(index, index)
+            first = first_of[index]
             if first in results:
                 record, created = results[first]
                 outcomes[index] = Tokenized(
                     token=record.token, masked_pan=record.masked_pan, brand=CardBrand(record.brand),
                     created=created and first == index, expires_at=record.expires_at, key_version=record.key_version)
-            elif outcomes[index] is None:
-                outcomes[index] = outcomes[first]
+            else:  # every try drew a token another row holds
+                outcomes[index] = FailedPrecondition(
+                    f"pans[{index}]: no free token found after {TOKEN_ATTEMPTS} tries (the token space of this "
+                    "BIN and last 4 is nearly full; use OPAQUE or drop keep_bin)", reason="TOKEN_SPACE_EXHAUSTED")
         return outcomes
 
     def _insert_new(self, domain, pans, indexes, fingerprint_of, options, now, expires_at, results,
