@@ -561,3 +561,19 @@ def test_tokens_survive_an_hsm_reinitialisation(hsm_token, tokenizer, merchant):
     assert pan_of(tokenizer, merchant, made.token) == pan
     assert hsm_token.generation == generation + 1
     assert one(tokenizer, merchant, pan).token == made.token
+
+
+def test_a_worker_with_fresh_cached_keys_writes_nothing_into_a_shredded_domain(hsm_token, database_url, merchant):
+    late, store_a = new_tokenizer(hsm_token, database_url, metadata_ttl=3600)
+    shredder, store_b = new_tokenizer(hsm_token, database_url)
+    try:
+        one(late, merchant, random_pan())  # `late` caches the domain's keys for an hour
+        shredder.shred_domain(merchant)
+        with pytest.raises(FailedPrecondition, match="shredded"):
+            tokenize(late, merchant, random_pan(), fresh=True)
+        with store_a.engine.connect() as connection:
+            assert connection.execute(sa.select(sa.func.count()).select_from(tokens)
+                                      .where(tokens.c.domain == merchant)).scalar_one() == 0
+    finally:
+        store_a.close()
+        store_b.close()

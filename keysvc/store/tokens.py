@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 
+from keysvc.errors import FailedPrecondition
 from keysvc.store import _as_utc, _database_errors
 from keysvc.store.schema import token_data_keys, token_domains, tokens
 
@@ -227,8 +228,20 @@ class TokenStore:
                             tokens.c.expires_at <= now,
                         ))
                     # RETURNING lists the rows inserted; conflicting ones are skipped.
-                    inserted = connection.execute(self._insert(tokens).returning(tokens.c.token), values)
-                    return set(inserted.scalars().all())
+                    inserted = set(connection.execute(self._insert(tokens).returning(tokens.c.token), values)
+                                   .scalars().all())
+                    # A shred committed meanwhile (seen by a worker whose cache is still
+                    # fresh) must not be outlived by rows: the shred's update of the domain
+                    # row waits for this share lock, or this sees its mark and writes nothing.
+                    shredded = connection.execute(
+                        sa.select(token_domains.c.shredded_at).where(token_domains.c.domain == domain)
+                        .with_for_update(read=True)
+                    ).scalar_one_or_none()
+                    if shredded is not None:  # leaving the block rolls the insert back
+                        raise FailedPrecondition(
+                            f"token domain {domain!r} was shredded: its tokens are gone for good",
+                            reason="TOKEN_DOMAIN_SHREDDED")
+                    return inserted
             except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError) as error:
                 # A deadlock the database broke by rolling this transaction back: nothing
                 # was written, so doing it again is safe.
