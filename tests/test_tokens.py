@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import hsm
 from keysvc.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, PermissionDenied
 from keysvc.store import KeyStore
 from keysvc.store.schema import token_data_keys, token_domains, tokens
@@ -577,3 +578,42 @@ def test_a_worker_with_fresh_cached_keys_writes_nothing_into_a_shredded_domain(h
     finally:
         store_a.close()
         store_b.close()
+
+
+def test_token_operations_running_together_all_succeed(hsm_token, tokenizer, merchant):
+    """Detokenize, rotate + rewrap, tokenize, new domains and HMACs at once in one process:
+    cached domain keys replaced or freed under one thread never fail another."""
+    import time
+
+    pans = [random_pan() for _ in range(40)]
+    made = [result.token for result in tokenize(tokenizer, merchant, *pans)]
+    mac_key = hsm_token.load_secret(hsm_token.generate_wrapped_secret(32))
+    stop_at = time.monotonic() + 2.0
+
+    def work(index: int) -> int:
+        rounds = 0
+        while time.monotonic() < stop_at:
+            rounds += 1
+            if index == 0:
+                assert [r.pan for r in tokenizer.detokenize(merchant, made)] == pans
+            elif index == 1:
+                tokenizer.rotate_data_key(merchant)
+                tokenizer.rewrap(merchant)
+            elif index == 2:
+                assert all(isinstance(r, Tokenized) for r in tokenize(tokenizer, merchant, *pans[:20]))
+            elif index == 3:
+                result = one(tokenizer, f"{merchant}-{rounds}", random_pan(), fresh=True)
+                assert result.created
+            elif index == 4:
+                hsm_token.hmac_many(mac_key, hsm.Digest.SHA256, [b"x" * 64] * 50)
+            else:
+                tokenize(tokenizer, merchant, random_pan(), token_format=TokenFormat.OPAQUE, fresh=True)
+        return rounds
+
+    try:
+        rounds = run_together(6, work)
+    finally:
+        hsm_token.release_secret(mac_key)
+    assert all(count > 0 for count in rounds)
+    assert [r.pan for r in tokenizer.detokenize(merchant, made)] == pans
+    assert tokenizer.rewrap(merchant).remaining == 0

@@ -110,3 +110,42 @@ def test_generated_data_keys_round_trip_and_refuse_tampering(hsm_token):
         hsm_token.release_secret(other)
     with pytest.raises(hsm.HsmUnwrapFailed):
         hsm_token.load_aes_key(bytes(40))
+
+
+def test_the_new_hsm_calls_take_the_process_lock(hsm_token):
+    """Two threads in SoftHSM at once crash it (shared/HSM-NOTES.md): run each new call
+    in its own thread, beside HMACs, for a while."""
+    import time
+
+    from tests.conftest import run_together
+
+    first = hsm_token.load_aes_key(hsm_token.generate_wrapped_aes_key())
+    second = hsm_token.load_aes_key(hsm_token.generate_wrapped_aes_key())
+    mac_key = hsm_token.load_secret(hsm_token.generate_wrapped_secret(32))
+    items = [(os.urandom(16), os.urandom(30)) for _ in range(50)]
+    sealed = hsm_token.encrypt_gcm_many(first, items)
+    opened = [(nonce, ciphertext, aad) for (nonce, ciphertext), (_, aad) in zip(sealed, items)]
+    stop_at = time.monotonic() + 2.0
+
+    def work(index: int) -> int:
+        rounds = 0
+        while time.monotonic() < stop_at:
+            rounds += 1
+            if index == 0:
+                assert hsm_token.decrypt_gcm_many(first, opened) == [plaintext for plaintext, _ in items]
+            elif index == 1:
+                assert len(hsm_token.encrypt_gcm_many(first, items)) == len(items)
+            elif index == 2:
+                moved = hsm_token.reencrypt_gcm_many(first, second, [(*o, b"new") for o in opened])
+                assert None not in moved
+            elif index == 3:
+                hsm_token.release_secret(hsm_token.load_aes_key(hsm_token.generate_wrapped_aes_key()))
+            else:
+                hsm_token.hmac_many(mac_key, hsm.Digest.SHA256, [b"x" * 64] * 50)
+        return rounds
+
+    try:
+        assert all(run_together(5, work))
+    finally:
+        for handle in (first, second, mac_key):
+            hsm_token.release_secret(handle)
