@@ -24,7 +24,16 @@ from google.protobuf.json_format import MessageToDict
 
 from keysvc import config as config_module
 from keysvc.seal_formats import decode_monetico_key
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc
+from keysvc.v1 import (
+    keys_pb2,
+    keys_pb2_grpc,
+    seals_pb2,
+    seals_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+    tokens_pb2,
+    tokens_pb2_grpc,
+)
 
 ALGORITHM_CHOICES = {
     "hmac-sha1": keys_pb2.KEY_ALGORITHM_HMAC_SHA1,
@@ -84,6 +93,7 @@ class Client:
         self.keys = keys_pb2_grpc.KeyServiceStub(self.channel)
         self.seals = seals_pb2_grpc.SealServiceStub(self.channel)
         self.signing = signing_pb2_grpc.SigningServiceStub(self.channel)
+        self.tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
         self.timeout = timeout
 
 
@@ -166,7 +176,9 @@ def describe_key(key: keys_pb2.Key) -> str:
 @click.option("--workers", envvar="KEYSVC_WORKERS", default=1, show_default=True,
               help="Processes serving on the one port.")
 @click.option("--reflection/--no-reflection", envvar="KEYSVC_REFLECTION", default=True, show_default=True)
-def serve(listen, database_url, hsm_module, token_label, pin_file, workers, reflection) -> None:
+@click.option("--allow-detokenize/--no-allow-detokenize", envvar="KEYSVC_ALLOW_DETOKENIZE", default=False,
+              show_default=True, help="Let Detokenize return PANs (off: PERMISSION_DENIED).")
+def serve(listen, database_url, hsm_module, token_label, pin_file, workers, reflection, allow_detokenize) -> None:
     """Run the keysvc gRPC server."""
     from keysvc import service
 
@@ -175,6 +187,7 @@ def serve(listen, database_url, hsm_module, token_label, pin_file, workers, refl
         settings = config_module.validate(config_module.Settings(
             listen=listen, database_url=database_url, hsm_module=hsm_module, token_label=token_label,
             pin=config_module.read_pin(pin_file), workers=workers, reflection=reflection,
+            allow_detokenize=allow_detokenize,
         ))
         service.serve(settings)
     except config_module.ConfigurationError as error:
@@ -649,6 +662,140 @@ def keys_csr(ctx, key_id, subject, dns_names, ip_addresses, uris, emails, versio
         key_id=key_id, version=version, subject=subject, dns_names=dns_names, ip_addresses=ip_addresses, uris=uris,
         emails=emails, algorithm=SIGNATURE_ALGORITHM_CHOICES[algorithm], days=days))
     _print(ctx, response, response.pem.rstrip("\n"))
+
+# -- tokens -----------------------------------------------------------------------------------
+
+TOKEN_FORMAT_CHOICES = {"format-preserving": tokens_pb2.TOKEN_FORMAT_PRESERVING,
+                        "opaque": tokens_pb2.TOKEN_FORMAT_OPAQUE}
+# Item errors in a batch: the command prints what worked and exits with this code.
+EXIT_ITEM_ERRORS = 2
+
+
+@main.group()
+def tokens() -> None:
+    """Tokenize card numbers, read token metadata, delete tokens, manage a domain's keys."""
+
+
+def describe_token_info(info: tokens_pb2.TokenInfo) -> str:
+    expires = (info.expire_time.ToDatetime().isoformat(timespec="seconds") + "Z"
+               if info.HasField("expire_time") else "never")
+    return "\n".join([
+        f"token       {info.token}",
+        f"domain      {info.domain}",
+        f"masked PAN  {info.masked_pan}",
+        f"brand       {_enum_name(tokens_pb2.CardBrand, info.brand, 'CARD_BRAND_')}",
+        f"format      {_enum_name(tokens_pb2.TokenFormat, info.format, 'TOKEN_FORMAT_')}"
+        + (" (BIN kept)" if info.keep_bin else ""),
+        f"kind        {'deterministic' if info.deterministic else 'fresh'}",
+        f"key version {info.key_version}",
+        f"created     {info.create_time.ToDatetime().isoformat(timespec='seconds')}Z",
+        f"expires     {expires}",
+    ])
+
+
+@tokens.command("tokenize")
+@click.argument("domain")
+@click.option("--pan-file", type=click.File("r"), default="-", show_default=True,
+              help="PANs, one per line ('-': standard input). Never on the command line.")
+@click.option("--format", "token_format", type=click.Choice(list(TOKEN_FORMAT_CHOICES)),
+              default="format-preserving", show_default=True)
+@click.option("--keep-bin", is_flag=True, help="Keep the first 6 digits (format-preserving, 16+ digits).")
+@click.option("--fresh", is_flag=True, help="A new token even for a PAN tokenized before.")
+@click.option("--ttl", type=int, default=0, help="Seconds until the token expires (0: never).")
+@click.pass_context
+def tokens_tokenize(ctx, domain, pan_file, token_format, keep_bin, fresh, ttl) -> None:
+    """Print a token (and masked PAN) for each PAN read from --pan-file."""
+    pans = [line.strip() for line in pan_file if line.strip()]
+    if not pans:
+        raise click.UsageError("no PANs given on --pan-file")
+    request = tokens_pb2.TokenizeRequest(domain=domain, pans=pans, format=TOKEN_FORMAT_CHOICES[token_format],
+                                         keep_bin=keep_bin, fresh=fresh)
+    if ttl:
+        request.ttl.FromSeconds(ttl)
+    response = _call(ctx, _client(ctx).tokens.Tokenize, request)
+    lines, failed = [], False
+    for index, result in enumerate(response.results):
+        if result.WhichOneof("outcome") == "token":
+            lines.append(f"{result.token.token}  {result.token.masked_pan}  "
+                         f"{'new' if result.token.created else 'existing'}")
+        else:
+            failed = True
+            lines.append(f"error: item {index}: {result.error.reason}: {result.error.message}")
+    _print(ctx, response, "\n".join(lines))
+    if failed:
+        ctx.exit(EXIT_ITEM_ERRORS)
+
+
+@tokens.command("detokenize")
+@click.argument("domain")
+@click.argument("token_values", metavar="TOKEN...", nargs=-1, required=True)
+@click.pass_context
+def tokens_detokenize(ctx, domain, token_values) -> None:
+    """Print the PAN behind each TOKEN (the server must allow it)."""
+    response = _call(ctx, _client(ctx).tokens.Detokenize,
+                     tokens_pb2.DetokenizeRequest(domain=domain, tokens=list(token_values)))
+    lines, failed = [], False
+    for index, result in enumerate(response.results):
+        if result.WhichOneof("outcome") == "token":
+            lines.append(result.token.pan)
+        else:
+            failed = True
+            lines.append(f"error: item {index}: {result.error.reason}: {result.error.message}")
+    _print(ctx, response, "\n".join(lines))
+    if failed:
+        ctx.exit(EXIT_ITEM_ERRORS)
+
+
+@tokens.command("info")
+@click.argument("domain")
+@click.argument("token")
+@click.pass_context
+def tokens_info(ctx, domain, token) -> None:
+    """Show a token's metadata (never its PAN)."""
+    response = _call(ctx, _client(ctx).tokens.GetTokenInfo, tokens_pb2.GetTokenInfoRequest(domain=domain, token=token))
+    _print(ctx, response.info, describe_token_info(response.info))
+
+
+@tokens.command("delete")
+@click.argument("domain")
+@click.argument("token")
+@click.pass_context
+def tokens_delete(ctx, domain, token) -> None:
+    """Delete a token and its encrypted PAN."""
+    response = _call(ctx, _client(ctx).tokens.DeleteToken, tokens_pb2.DeleteTokenRequest(domain=domain, token=token))
+    _print(ctx, response, f"deleted {token}")
+
+
+@tokens.command("rotate-key")
+@click.argument("domain")
+@click.pass_context
+def tokens_rotate_key(ctx, domain) -> None:
+    """Add a data key version for DOMAIN; new tokens use it."""
+    response = _call(ctx, _client(ctx).tokens.RotateTokenKey, tokens_pb2.RotateTokenKeyRequest(domain=domain))
+    _print(ctx, response, f"new data key version {response.key_version}")
+
+
+@tokens.command("rewrap")
+@click.argument("domain")
+@click.option("--limit", type=int, default=0, help="At most this many tokens (0: the server's default).")
+@click.pass_context
+def tokens_rewrap(ctx, domain, limit) -> None:
+    """Re-encrypt DOMAIN's PANs under its newest data key version."""
+    response = _call(ctx, _client(ctx).tokens.RewrapTokens, tokens_pb2.RewrapTokensRequest(domain=domain, limit=limit))
+    _print(ctx, response, f"rewrapped {response.rewrapped} token(s) to version {response.key_version}; "
+           f"{response.remaining} remaining")
+
+
+@tokens.command("shred")
+@click.argument("domain")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def tokens_shred(ctx, domain, yes) -> None:
+    """Destroy DOMAIN's keys and tokens: every PAN of it becomes unrecoverable."""
+    if not yes:
+        click.confirm(f"Shred token domain {domain}? Its PANs become unrecoverable", abort=True)
+    response = _call(ctx, _client(ctx).tokens.ShredTokenDomain, tokens_pb2.ShredTokenDomainRequest(domain=domain))
+    _print(ctx, response, f"shredded {domain}: {response.tokens_destroyed} token(s) destroyed")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_seal_message_bytes: int = 64 * 1024
     max_batch_items: int = 1000
+    # Detokenize answers PERMISSION_DENIED unless this is set (until callers have roles).
+    allow_detokenize: bool = False
+    # Seconds between purges of expired tokens.
+    token_purge_interval: float = 60.0
 
     @property
     def hsm_config(self) -> hsm.HsmConfig:
