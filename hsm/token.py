@@ -718,11 +718,6 @@ class Hsm:
                 )
             return SecretKeyHandle(private, self.generation)
 
-    def public_key_der(self, handle: SecretKeyHandle) -> bytes:
-        """The DER RSAPublicKey of a loaded private key."""
-        with self._locked():
-            return self._public_der_of(self._check_current(handle))
-
     def rsa_sign_digests(self, handle: SecretKeyHandle, padding: RsaPadding, digest: Digest,
                          digests: Iterable[bytes]) -> list[bytes]:
         """RSA signatures of precomputed `digest` hashes, made in the HSM: PKCS#1 v1.5

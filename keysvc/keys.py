@@ -35,6 +35,7 @@ from keysvc.keyring import (
     hsm_errors,
     load_handle,
     public_key_check_value,
+    subject_public_key_info,
 )
 from keysvc.model import (
     PLATFORM_ALGORITHMS,
@@ -78,6 +79,8 @@ class NewMaterial:
     wrapped_key: bytes
     check_value: str
     origin: KeyOrigin
+    # RSA: the public key, DER SubjectPublicKeyInfo.
+    public_key: bytes | None = None
 
 
 def validate_merchant_id(merchant_id: str) -> None:
@@ -140,11 +143,6 @@ class KeyManager:
 
     def _check_value(self, algorithm: KeyAlgorithm, wrapped_key: bytes) -> str:
         handle = load_handle(self._hsm, algorithm, wrapped_key)
-        if algorithm.is_rsa:
-            try:
-                return public_key_check_value(self._hsm.public_key_der(handle))
-            finally:
-                self._hsm.release_secret(handle)
         try:
             return check_value(compute_tags(self._hsm, handle, algorithm, [CHECK_VALUE_MESSAGE])[0])
         finally:
@@ -154,8 +152,8 @@ class KeyManager:
         # As long as the digest: the most HMAC uses, and the least SoftHSM accepts.
         with hsm_errors():
             if algorithm.is_rsa:
-                wrapped, _public = self._hsm.generate_wrapped_rsa_key(algorithm.rsa_bits)
-                return NewMaterial(wrapped, self._check_value(algorithm, wrapped), KeyOrigin.GENERATED)
+                wrapped, public_der = self._hsm.generate_wrapped_rsa_key(algorithm.rsa_bits)
+                return self._rsa_material(wrapped, public_der, KeyOrigin.GENERATED)
             length = algorithm.digest.digest_size
             if algorithm.is_hmac:
                 wrapped = self._hsm.generate_wrapped_secret(length)
@@ -220,7 +218,11 @@ class KeyManager:
         if public_key.key_size != algorithm.rsa_bits:
             raise InvalidArgument("wrapped_secret", f"holds an RSA-{public_key.key_size} key, not {algorithm.value}")
         self._check_private_key_matches(wrapped, public_key)
-        return NewMaterial(wrapped, public_key_check_value(public_der), KeyOrigin.IMPORTED)
+        return self._rsa_material(wrapped, public_der, KeyOrigin.IMPORTED)
+
+    @staticmethod
+    def _rsa_material(wrapped: bytes, public_der: bytes, origin: KeyOrigin) -> NewMaterial:
+        return NewMaterial(wrapped, public_key_check_value(public_der), origin, subject_public_key_info(public_der))
 
     def _check_private_key_matches(self, wrapped: bytes, public_key) -> None:
         """Signs a probe in the HSM and checks it with the public key: a damaged private
@@ -247,6 +249,7 @@ class KeyManager:
             created_at=utcnow(),
             wrapped_key=material.wrapped_key,
             wrapping_key_label=hsm.token.MASTER_KEY_LABEL,
+            public_key=material.public_key,
         )
         with hsm_errors():
             tag = self._hsm.bind(binding_message(key, version))

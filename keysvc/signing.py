@@ -3,9 +3,9 @@
 The message is hashed here (it is not secret), and the HSM signs the hash: PKCS#1 v1.5
 over its DigestInfo, or PSS with MGF1 and a salt as long as the hash. A caller may send
 the hash itself instead of the message. Verification uses `cryptography` on the public
-key (the HSM is not needed to check a signature). Certificate signing requests and
-test certificates are built here and signed in the HSM, so a key can be certified
-without leaving it.
+key stored with each version (the HSM only checks, once per version, that the stored
+record is the one it bound). Certificate signing requests and test certificates are built here and signed in the HSM, so a key
+can be certified without leaving it.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ class Signer:
     # -- verification -------------------------------------------------------------------
 
     def _public_key(self, key: Key, version: KeyVersion):
-        return serialization.load_der_public_key(self._ring.public_key_der(key, version))
+        return serialization.load_der_public_key(self._ring.public_key(key, version))
 
     def verify(self, request: VerifySignatureRequest) -> SignatureVerification:
         """Whether the signature is the key's (the named version's, or any ENABLED or

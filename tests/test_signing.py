@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from keysvc.errors import FailedPrecondition, InvalidArgument, NotFound
 from keysvc.model import KeyAlgorithm, KeyOrigin, KeyPurpose, KeyVersionState
 from keysvc.seals import SealRequest
-from keysvc.signing import CertificateSubject, SignatureAlgorithm, SignRequest, VerifySignatureRequest
+from keysvc.keyring import KeyRing
+from keysvc.signing import CertificateSubject, SignatureAlgorithm, Signer, SignRequest, VerifySignatureRequest
 from keysvc.v1 import keys_pb2, signing_pb2
 from tests.crypto_helpers import import_private_key
 
@@ -477,3 +478,31 @@ def test_grpc_an_unknown_signature_algorithm_is_invalid_argument(server, merchan
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "algorithm" in raised.value.details()
+
+
+def test_the_public_key_is_stored_with_the_version_and_bound_to_it(domain, merchant):
+    import sqlalchemy as sa
+
+    from keysvc.errors import IntegrityError
+    from keysvc.store.schema import key_versions
+
+    key = domain.keys.create_key(merchant, "sign", SIGN, KeyAlgorithm.RSA_2048)
+    other = domain.keys.create_key(merchant, "other", SIGN, KeyAlgorithm.RSA_2048)
+    stored = domain.store.load_key(key.key_id).versions[0].public_key
+    assert serialization.load_der_public_key(stored).public_numbers() == \
+        public_key_of(domain, key.key_id).public_numbers()
+
+    # Another key's public key swapped in: signatures would verify against the wrong key.
+    with domain.store.engine.begin() as connection:
+        connection.execute(sa.update(key_versions).where(key_versions.c.key_id == key.key_id)
+                           .values(public_key=domain.store.load_key(other.key_id).versions[0].public_key))
+    tampered = domain.store.load_key(key.key_id)
+    forged = domain.signer.sign(SignRequest(other.key_id, SignatureAlgorithm.RSA_PSS_SHA256, b"m"))
+
+    for ring in (domain.ring, KeyRing(domain.hsm, domain.store)):  # this process, and a fresh one
+        ring.remember(tampered)
+        with pytest.raises(IntegrityError):
+            ring.public_key(tampered, tampered.versions[0])
+    with pytest.raises(IntegrityError):
+        Signer(KeyRing(domain.hsm, domain.store)).verify(VerifySignatureRequest(
+            key.key_id, SignatureAlgorithm.RSA_PSS_SHA256, forged.signature, b"m"))

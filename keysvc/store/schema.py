@@ -47,6 +47,8 @@ key_versions = Table(
     Column("wrapped_key", LargeBinary, nullable=True),
     Column("wrapping_key_label", String(64), nullable=False),
     Column("binding_tag", LargeBinary, nullable=False),
+    # RSA versions: the public key, DER SubjectPublicKeyInfo (covered by the binding tag).
+    Column("public_key", LargeBinary, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("destroyed_at", DateTime(timezone=True), nullable=True),
 )
