@@ -1,6 +1,7 @@
 """The tables of keysvc's database. Alembic migrations create them; this is their shape."""
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -115,3 +116,37 @@ Index(
     sqlite_where=text("expires_at IS NOT NULL"), postgresql_where=text("expires_at IS NOT NULL"),
 )
 Index("ix_tokens_key_version", tokens.c.domain, tokens.c.key_version)
+
+
+# The audit trail. Each record holds the hash of the one before; checkpoints sign a
+# record's hash with the audit Ed25519 key, whose seed comes from a key wrapped under
+# the HSM master key (audit_signing_keys).
+audit_records = Table(
+    "audit_records",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("recorded_at", String(40), nullable=False),
+    Column("identity", String(512), nullable=False),
+    Column("operation", String(128), nullable=False),
+    Column("target", String(512), nullable=False),
+    Column("outcome", String(64), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("prev_hash", LargeBinary, nullable=False),
+    Column("record_hash", LargeBinary, nullable=False),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("record_hash", LargeBinary, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+)
+
+audit_signing_keys = Table(
+    "audit_signing_keys",
+    metadata,
+    Column("key_id", Integer, primary_key=True, autoincrement=False),
+    Column("wrapped_seed_key", LargeBinary, nullable=False),
+    Column("binding_tag", LargeBinary, nullable=False),
+)
