@@ -70,3 +70,9 @@ class PermissionDenied(KeysvcError):
     """The caller may not do this (e.g. Detokenize while the server does not allow it)."""
 
     reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(KeysvcError):
+    """The caller did not prove who it is (no valid client certificate)."""
+
+    reason = "UNAUTHENTICATED"
