@@ -30,6 +30,7 @@ import asyncio
 import ctypes
 import os
 import queue
+import secrets
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc  # noqa: E402
+from keysvc.v1 import tokens_pb2, tokens_pb2_grpc  # noqa: E402
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc  # noqa: E402
 
 TOKEN_LABEL = "bench"
@@ -55,6 +58,8 @@ BATCH_IN_FLIGHT = 2
 CONCURRENCIES = (1, 8, 32)
 SEAL_TARGET = 0.85
 BATCH_TARGET = 0.50
+TOKENIZE_TARGET = 0.50
+TOKEN_UNARY_IN_FLIGHT = 8
 SIGN_TARGET = 0.90
 SIGN_IN_FLIGHT = 8
 CALL_TIMEOUT = 30.0
@@ -312,6 +317,37 @@ class RawHsmLoad:
         self.session.close()
 
 
+class RawTokenHsmLoad:
+    """What tokenizing one PAN costs the HSM at the least: the fingerprint HMAC-SHA256 and
+    the AES-256-GCM encryption (with associated data), each with a session key, looped in
+    this process, one thread, on its own logged-in session. One op is one PAN."""
+
+    def __init__(self, cell: Cell, config_path: Path, pin: str) -> None:
+        os.environ["SOFTHSM2_CONF"] = str(config_path)  # before the module is first loaded here
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, Mechanism
+        from pkcs11.mechanisms import GCMParams
+
+        self.cell = cell
+        token = pkcs11.lib(HSM_MODULE).get_token(token_label=TOKEN_LABEL)
+        self.session = token.open(user_pin=pin, rw=True)
+        self.hmac_key = self.session.generate_key(
+            KeyType.GENERIC_SECRET, 256, store=False,
+            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                      Attribute.SIGN: True, Attribute.VERIFY: False},
+        )
+        self.aes_key = self.session.generate_key(
+            KeyType.AES, 256, store=False,
+            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                      Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
+        )
+        self.hmac, self.gcm, self.params = Mechanism.SHA256_HMAC, Mechanism.AES_GCM, GCMParams
+        self.pans = [card_numbers(16)[0] for _ in range(64)]
+        self.aad = b"keysvc-token-v1" + bytes(40)
+
+    async def run(self, seconds: float, record: bool = True) -> None:
+        sign, encrypt, params = self.hmac_key.sign, self.aes_key.encrypt, self.params
+        hmac_mechanism, gcm, aad, pans = self.hmac, self.gcm, self.aad, self.pans
 class RawSignLoad:
     """RSA signatures of 64-byte messages in this process, one thread, with a session key
     pair of `bits` and the mechanism keysvc uses (the hash is made here, as keysvc does)."""
@@ -345,6 +381,12 @@ class RawSignLoad:
         usage = Usage(None)
         now = usage.started
         end = now + seconds
+        index = 0
+        while now < end:
+            pan = pans[index % 64].encode()
+            index += 1
+            sign(b"keysvc-pan-fingerprint-v1:" + pan, mechanism=hmac_mechanism)
+            encrypt(pan, mechanism=gcm, mechanism_param=params(os.urandom(12), aad, 128))
         while now < end:
             sign(data, mechanism=mechanism, mechanism_param=parameters)
             after = time.perf_counter()
@@ -355,6 +397,26 @@ class RawSignLoad:
             usage.add_to(self.cell)
 
     def close(self) -> None:
+        self.hmac_key.destroy()
+        self.aes_key.destroy()
+        self.session.close()
+
+
+def card_numbers(count: int, length: int = 16) -> list[str]:
+    """`count` random Luhn-valid PANs starting with 4 (Visa-like)."""
+    numbers = []
+    for _ in range(count):
+        body = "4" + str(secrets.randbelow(10 ** (length - 2))).zfill(length - 2)
+        total = 0
+        for position, character in enumerate(reversed(body)):
+            digit = int(character)
+            if position % 2 == 0:  # doubled: the check digit will sit to its right
+                digit = digit * 2 - 9 if digit > 4 else digit * 2
+            total += digit
+        numbers.append(body + str((10 - total % 10) % 10))
+    return numbers
+
+
         self.private.destroy()
         self.public.destroy()
         self.session.close()
@@ -439,6 +501,87 @@ async def run_cells(args, keysvc: Server, echo: Server, config_path: Path, pin: 
             await channel.close()
 
 
+async def run_token_cells(args, keysvc: Server, config_path: Path, pin: str, progress):
+    """Tokenize and Detokenize at batches of 1 and 100 items, and the raw HSM baseline.
+    Every Tokenize call carries PANs never tokenized before (the full path: fingerprint,
+    lookup, token, encryption, insert)."""
+    channel = make_channels(keysvc.address, 1)[0]
+    raw = None
+    try:
+        stub = tokens_pb2_grpc.TokenServiceStub(channel)
+        domain = "bench"
+        # Enough fresh PANs for every Tokenize call of the run, made before measuring.
+        pool_size = int(args.seconds + args.warmup + 2) * 40_000
+        pans = iter(card_numbers(pool_size))
+        progress(f"{pool_size} PANs generated for Tokenize")
+        known = await stub.Tokenize(tokens_pb2.TokenizeRequest(domain=domain, pans=card_numbers(1000)),
+                                    timeout=CALL_TIMEOUT)
+        tokens = [result.token.token for result in known.results]
+
+        def tokenize(items: int):
+            async def call(index: int) -> int:
+                batch = [next(pans) for _ in range(items)]
+                response = await stub.Tokenize(tokens_pb2.TokenizeRequest(domain=domain, pans=batch),
+                                               timeout=CALL_TIMEOUT)
+                return sum(1 for result in response.results if result.WhichOneof("outcome") != "token")
+            return call
+
+        def detokenize(items: int):
+            requests = [tokens_pb2.DetokenizeRequest(domain=domain, tokens=tokens[start:start + items])
+                        for start in range(0, len(tokens), items)]
+            counter = iter(range(1 << 62))
+
+            async def call(index: int) -> int:
+                response = await stub.Detokenize(requests[next(counter) % len(requests)], timeout=CALL_TIMEOUT)
+                return sum(1 for result in response.results if result.WhichOneof("outcome") != "token")
+            return call
+
+        cells = {
+            ("Tokenize", 100): Cell(f"keysvc Tokenize ({BATCH_ITEMS} items/call)", BATCH_IN_FLIGHT, "items/s"),
+            ("Tokenize", 1): Cell("keysvc Tokenize (1 item/call)", TOKEN_UNARY_IN_FLIGHT, "items/s"),
+            ("Detokenize", 100): Cell(f"keysvc Detokenize ({BATCH_ITEMS} items/call)", BATCH_IN_FLIGHT, "items/s"),
+            ("Detokenize", 1): Cell("keysvc Detokenize (1 item/call)", TOKEN_UNARY_IN_FLIGHT, "items/s"),
+        }
+        raw_cell = Cell("raw HSM HMAC + AES-GCM per PAN", 1, "items/s")
+        raw = RawTokenHsmLoad(raw_cell, config_path, pin)
+        loads = [
+            GrpcLoad(cells[("Tokenize", 100)], tokenize(BATCH_ITEMS), keysvc, items_per_call=BATCH_ITEMS),
+            raw,
+            GrpcLoad(cells[("Detokenize", 100)], detokenize(BATCH_ITEMS), keysvc, items_per_call=BATCH_ITEMS),
+            GrpcLoad(cells[("Tokenize", 1)], tokenize(1), keysvc),
+            GrpcLoad(cells[("Detokenize", 1)], detokenize(1), keysvc),
+        ]
+        await interleaved(loads, args.seconds, args.warmup, args.rounds)
+        progress(f"Tokenize x100 {cells[('Tokenize', 100)].rate:.0f} items/s, raw {raw_cell.rate:.0f} PANs/s")
+        return list(cells.values()), raw_cell
+    finally:
+        if raw is not None:
+            raw.close()
+        await channel.close()
+
+
+def print_token_table(token_cells, raw_cell) -> None:
+    print()
+    print("tokens (16-digit PANs, new PANs on every Tokenize call; one client channel)")
+    header = f"{'cell':<38} {'in flight':>9} {'rate':>9} {'unit':<8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'srv µs':>6}"
+    print(header)
+    print("-" * len(header))
+    for cell in [*token_cells, raw_cell]:
+        p50, p99 = cell.percentile_ms(0.50), cell.percentile_ms(0.99)
+        print(f"{cell.label:<38} {cell.in_flight:>9} {cell.rate:>9.0f} {cell.unit:<8} "
+              f"{'-' if p50 is None else f'{p50:.2f}':>7} {'-' if p99 is None else f'{p99:.2f}':>7} "
+              f"{cell.errors:>6} {cell.cpu_per_op_us(cell.server_cpu):>6}")
+    for cell in token_cells:
+        if cell.first_error:
+            print(f"  first error in '{cell.label}': {cell.first_error}")
+    batched = token_cells[0]
+    ratio = batched.rate / raw_cell.rate if raw_cell.rate else 0.0
+    verdict = "meets" if ratio >= TOKENIZE_TARGET else "misses"
+    print(f"  {'Tokenize x100 items/s / raw HSM PANs/s':<40} {100 * ratio:6.1f}%   "
+          f"target >= {100 * TOKENIZE_TARGET:.0f}%   {verdict}")
+
+
+def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell) -> None:
 # -- payment schemes ---------------------------------------------------------------------------
 
 SIPS_FIELDS = [
@@ -638,6 +781,11 @@ def main() -> None:
                              "when --workers > 1 so that SO_REUSEPORT spreads them")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES),
                         help="unary calls in flight per cell")
+    parser.add_argument("--parts", nargs="+", choices=["seals", "tokens"], default=["seals", "tokens"],
+                        help="which tables to measure")
+    parser.add_argument("--database", default="",
+                        help="keysvc's database URL (default: SQLite in the temporary folder); an empty "
+                             "PostgreSQL database is best, the run leaves its rows there")
     args = parser.parse_args()
     args.channels = args.channels or (1 if args.workers == 1 else 4 * args.workers)
 
@@ -662,8 +810,8 @@ def main() -> None:
         keysvc_bin = python_bin.parent / "keysvc"
         keysvc_command = [str(keysvc_bin)] if keysvc_bin.exists() else [str(python_bin), "-m", "keysvc.cli"]
         keysvc = Server.start("keysvc", keysvc_command + [
-            "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite:///{tmp}/k.db",
-            "--token-label", TOKEN_LABEL, "--workers", str(args.workers),
+            "serve", "--listen", "127.0.0.1:0", "--database", args.database or f"sqlite:///{tmp}/k.db",
+            "--token-label", TOKEN_LABEL, "--workers", str(args.workers), "--allow-detokenize",
         ], env, tmp / "keysvc.log")
         servers.append(keysvc)
         echo = Server.start("echo", [str(python_bin), str(REPO / "bench/echo_server.py"),
@@ -673,8 +821,13 @@ def main() -> None:
         keysvc.wait_ready("keysvc serving on ")
         progress(f"token in {tmp}; keysvc on {keysvc.address} ({args.workers} worker(s)), echo on {echo.address}")
 
-        cells = asyncio.run(run_cells(args, keysvc, echo, config_path, pin_path.read_text().strip(), progress))
-        print_table(args, *cells)
+        if "seals" in args.parts:
+            cells = asyncio.run(run_cells(args, keysvc, echo, config_path, pin_path.read_text().strip(), progress))
+            print_table(args, *cells)
+        if "tokens" in args.parts:
+            token_cells = asyncio.run(run_token_cells(args, keysvc, config_path, pin_path.read_text().strip(),
+                                                      progress))
+            print_token_table(*token_cells)
     except (KeyboardInterrupt, Interrupted):
         print("\ninterrupted: stopping the servers", file=sys.stderr)
         raise SystemExit(130)

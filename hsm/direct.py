@@ -69,3 +69,70 @@ class DirectSigner:
                 raise DirectSignError(result)
             tags.append(tag.raw[: tag_length.value])
         return tags
+
+
+class _GcmParams(ctypes.Structure):
+    # CK_GCM_PARAMS as SoftHSM 2.6 and python-pkcs11 declare it (PKCS#11 v2.40, with ulIvBits).
+    _fields_ = [
+        ("iv", ctypes.c_char_p), ("iv_length", ctypes.c_ulong), ("iv_bits", ctypes.c_ulong),
+        ("aad", ctypes.c_char_p), ("aad_length", ctypes.c_ulong), ("tag_bits", ctypes.c_ulong),
+    ]
+
+
+CKM_AES_GCM = 0x1087
+
+
+class DirectCipher:
+    """AES-GCM through C_EncryptInit/C_Encrypt and C_DecryptInit/C_Decrypt of the module
+    at `module_path`, without releasing the GIL (for the reason DirectSigner gives).
+
+    Not thread-safe by itself: the caller holds the process's PKCS#11 lock.
+    """
+
+    def __init__(self, module_path: str) -> None:
+        module = ctypes.PyDLL(module_path)
+        init_arguments = [ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong]
+        run_arguments = [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
+                         ctypes.POINTER(ctypes.c_ulong)]
+        self._encrypt_init, self._encrypt = module.C_EncryptInit, module.C_Encrypt
+        self._decrypt_init, self._decrypt = module.C_DecryptInit, module.C_Decrypt
+        for function, arguments in ((self._encrypt_init, init_arguments), (self._encrypt, run_arguments),
+                                    (self._decrypt_init, init_arguments), (self._decrypt, run_arguments)):
+            function.argtypes = arguments
+            function.restype = ctypes.c_ulong
+        # Made once and refilled per call: building ctypes objects costs more than the HSM's work.
+        self._params = _GcmParams()
+        self._mechanism = _Mechanism(CKM_AES_GCM, ctypes.cast(ctypes.pointer(self._params), ctypes.c_void_p),
+                                     ctypes.sizeof(self._params))
+        self._mechanism_pointer = ctypes.byref(self._mechanism)
+        self._output = ctypes.create_string_buffer(4096)
+        self._length = ctypes.c_ulong()
+        self._length_pointer = ctypes.byref(self._length)
+
+    def _run(self, init, run, session_handle: int, key_handle: int, nonce: bytes, data: bytes, aad: bytes,
+             tag_bits: int, output_length: int) -> bytes:
+        params = self._params
+        params.iv, params.iv_length, params.iv_bits = nonce, len(nonce), len(nonce) * 8
+        params.aad, params.aad_length, params.tag_bits = aad, len(aad), tag_bits
+        result = init(session_handle, self._mechanism_pointer, key_handle)
+        if result != CKR_OK:
+            raise DirectSignError(result)
+        output = self._output if output_length <= len(self._output) else ctypes.create_string_buffer(output_length)
+        self._length.value = len(output)
+        result = run(session_handle, data, len(data), output, self._length_pointer)
+        if result != CKR_OK:
+            raise DirectSignError(result)
+        return ctypes.string_at(output, self._length.value)
+
+    def gcm_encrypt(self, session_handle: int, key_handle: int, nonce: bytes, plaintext: bytes, aad: bytes,
+                    tag_bits: int) -> bytes:
+        """The ciphertext followed by its tag. Raises DirectSignError with the module's return code."""
+        return self._run(self._encrypt_init, self._encrypt, session_handle, key_handle, nonce, plaintext, aad,
+                         tag_bits, len(plaintext) + tag_bits // 8)
+
+    def gcm_decrypt(self, session_handle: int, key_handle: int, nonce: bytes, ciphertext: bytes, aad: bytes,
+                    tag_bits: int) -> bytes:
+        """The plaintext. Raises DirectSignError with the module's return code (a failed
+        tag check included)."""
+        return self._run(self._decrypt_init, self._decrypt, session_handle, key_handle, nonce, ciphertext, aad,
+                         tag_bits, len(ciphertext))

@@ -26,9 +26,10 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
+from pkcs11.mechanisms import GCMParams
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from hsm.direct import CKR_KEY_SIZE_RANGE, DirectSigner, DirectSignError
+from hsm.direct import CKR_KEY_SIZE_RANGE, DirectCipher, DirectSigner, DirectSignError
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
@@ -55,6 +56,12 @@ ENVELOPE_KEY_BITS = 2048
 # What RSA-OAEP with SHA-1 carries under a 2048-bit key: 256 - 2 * 20 - 2 bytes.
 MAX_ENVELOPED_SECRET_BYTES = ENVELOPE_KEY_BITS // 8 - 2 * 20 - 2
 _OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
+# AES-GCM as keysvc uses it: 96-bit random nonces, 128-bit tags.
+GCM_NONCE_BYTES = 12
+GCM_TAG_BITS = 128
+# What SoftHSM answers C_Decrypt when a GCM tag does not verify: CKR_GENERAL_ERROR,
+# CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE.
+_GCM_TAG_FAILURES = (0x05, 0x40, 0x41)
 
 # One lock for every PKCS#11 call in the process, whatever object makes it.
 _PROCESS_LOCK = threading.RLock()
@@ -201,6 +208,7 @@ class Hsm:
         self._import_private_key = None
         self._import_public_der = b""
         self._direct: DirectSigner | None = None
+        self._direct_cipher: DirectCipher | None = None
         # Set by a failure that needs the module and session re-opened before the next call.
         self._recovering = False
         self._next_recovery = 0.0
@@ -254,6 +262,7 @@ class Hsm:
         public = self._find_key(ObjectClass.PUBLIC_KEY, IMPORT_KEY_LABEL)
         self._import_public_der = encode_rsa_public_key(public) if public is not None else b""
         self._direct = self._checked_direct_signer()
+        self._direct_cipher = self._checked_direct_cipher()
 
     @property
     def signs_directly(self) -> bool:
@@ -276,6 +285,38 @@ class Hsm:
             same = direct.sign_many(self._session.handle, probe_key.handle, int(Mechanism.SHA256_HMAC), [probe])
             return direct if same == [expected] else None
         except DirectSignError:
+            return None
+        finally:
+            probe_key.destroy()
+
+    def _checked_direct_cipher(self) -> DirectCipher | None:
+        """The GIL-holding AES-GCM path, if it agrees with python-pkcs11 on this module
+        both ways and refuses a wrong tag."""
+        try:
+            direct = DirectCipher(self._config.module_path)
+            probe_key = self._session.generate_key(
+                KeyType.AES, 256, store=False,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
+            )
+        except (OSError, AttributeError, p11.PKCS11Error):
+            return None
+        try:
+            nonce, aad, probe = bytes(range(GCM_NONCE_BYTES)), b"keysvc probe aad", b"keysvc direct gcm self-test"
+            session, key = self._session.handle, probe_key.handle
+            sealed = direct.gcm_encrypt(session, key, nonce, probe, aad, GCM_TAG_BITS)
+            params = GCMParams(nonce, aad, GCM_TAG_BITS)
+            if probe_key.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=params) != probe:
+                return None
+            theirs = probe_key.encrypt(probe, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            if direct.gcm_decrypt(session, key, nonce, theirs, aad, GCM_TAG_BITS) != probe:
+                return None
+            try:
+                direct.gcm_decrypt(session, key, nonce, theirs, b"another aad", GCM_TAG_BITS)
+                return None  # a wrong tag must not decrypt
+            except DirectSignError:
+                return direct
+        except (DirectSignError, p11.PKCS11Error):
             return None
         finally:
             probe_key.destroy()
@@ -591,9 +632,12 @@ class Hsm:
     # master key with CKM_AES_KEY_WRAP_PAD, like every merchant key. Its public half is
     # returned as DER RSAPublicKey (PKCS#1); it is public.
 
+    # A signing key signs and does nothing else: SoftHSM's defaults would also let it
+    # decrypt and unwrap with raw RSA.
     _PRIVATE_KEY_FOR_USE = {
         Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
         Attribute.VERIFY: DEFAULT, **_NO_EXTRA_CAPABILITIES,
+        Attribute.DECRYPT: False, Attribute.UNWRAP: False, Attribute.SIGN_RECOVER: False,
     }
 
     def generate_wrapped_rsa_key(self, bits: int) -> tuple[bytes, bytes]:
@@ -606,7 +650,7 @@ class Hsm:
                 public_template={Attribute.VERIFY: True, Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT},
                 private_template={
                     Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.SIGN: True,
-                    Attribute.DECRYPT: DEFAULT, Attribute.UNWRAP: DEFAULT,
+                    Attribute.DECRYPT: False, Attribute.UNWRAP: False, Attribute.SIGN_RECOVER: False,
                 },
             )
             try:
@@ -640,12 +684,15 @@ class Hsm:
                               Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT},
                 )
             try:
-                with _general_error_means_bad_wrapping():
-                    private = transport_key.unwrap_key(
-                        ObjectClass.PRIVATE_KEY, KeyType.RSA, transport_blob[block:],
-                        mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
-                        template={**self._PRIVATE_KEY_FOR_USE, Attribute.EXTRACTABLE: True},
-                    )
+                private = transport_key.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, KeyType.RSA, transport_blob[block:],
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
+                    template={**self._PRIVATE_KEY_FOR_USE, Attribute.EXTRACTABLE: True},
+                )
+            except p11.PKCS11Error:
+                # The transport key did unwrap, so the HSM is working: the payload is bad
+                # (SoftHSM answers FunctionFailed for a key that is not RSA PKCS#8).
+                raise HsmUnwrapFailed("the wrapped data is not an RSA private key in PKCS#8") from None
             finally:
                 transport_key.destroy()
             try:
@@ -670,11 +717,6 @@ class Hsm:
                     mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False, template=self._PRIVATE_KEY_FOR_USE,
                 )
             return SecretKeyHandle(private, self.generation)
-
-    def public_key_der(self, handle: SecretKeyHandle) -> bytes:
-        """The DER RSAPublicKey of a loaded private key."""
-        with self._locked():
-            return self._public_der_of(self._check_current(handle))
 
     def rsa_sign_digests(self, handle: SecretKeyHandle, padding: RsaPadding, digest: Digest,
                          digests: Iterable[bytes]) -> list[bytes]:
@@ -731,3 +773,126 @@ class Hsm:
         with self._locked():
             self._require_token_keys()
             return self._binding_key.sign(data, mechanism=Mechanism.SHA256_HMAC)
+
+    # -- AES-256-GCM data keys ---------------------------------------------------------
+    #
+    # A data key is generated in the HSM, leaves it only wrapped under the master key,
+    # and is used as a non-extractable session object. Nonces are 96 random bits from
+    # the operating system's CSPRNG (NIST SP 800-38D 8.2.2: at most 2^32 encryptions
+    # per key with random nonces; callers rotate data keys well before that).
+
+    def generate_wrapped_aes_key(self) -> bytes:
+        """Generates an AES-256 key and returns it wrapped under the master key
+        (CKM_AES_KEY_WRAP_PAD). The plaintext key never leaves the HSM."""
+        with self._locked() as session:
+            self._require_token_keys()
+            secret = session.generate_key(
+                KeyType.AES, 256, store=False,
+                template={
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                    Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+                    Attribute.WRAP: False, Attribute.UNWRAP: False,
+                },
+            )
+            try:
+                return self._master_key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            finally:
+                secret.destroy()
+
+    def load_aes_key(self, wrapped_key: bytes) -> SecretKeyHandle:
+        """Unwraps a master-key-wrapped AES key into a non-extractable session key that
+        encrypts and decrypts only. Release it with release_secret.
+
+        Raises HsmUnwrapFailed when the data is damaged or from another master key.
+        """
+        with self._locked():
+            self._require_token_keys()
+            with _general_error_means_bad_wrapping():
+                key = self._master_key.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped_key,
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                    store=False,
+                    template={
+                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                        Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+                        Attribute.WRAP: DEFAULT, Attribute.UNWRAP: DEFAULT,
+                        Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT,
+                    },
+                )
+            return SecretKeyHandle(key, self.generation)
+
+    def encrypt_gcm_many(
+        self, handle: SecretKeyHandle, items: Iterable[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """AES-GCM (128-bit tag) of each (plaintext, associated data) under one key,
+        taking the lock once. Returns (nonce, ciphertext with its tag) per item."""
+        items = list(items)
+        nonces = [os.urandom(GCM_NONCE_BYTES) for _ in items]
+        with self._locked():
+            key = self._check_current(handle)
+            return [(nonce, self._gcm_seal(key, nonce, plaintext, aad))
+                    for nonce, (plaintext, aad) in zip(nonces, items)]
+
+    def decrypt_gcm_many(
+        self, handle: SecretKeyHandle, items: Iterable[tuple[bytes, bytes, bytes]]
+    ) -> list[bytes | None]:
+        """Decrypts each (nonce, ciphertext with tag, associated data) under one key,
+        taking the lock once. An item that fails authentication (wrong key, data or
+        associated data) gives None; the others are unaffected."""
+        with self._locked():
+            key = self._check_current(handle)
+            return [self._gcm_open(key, nonce, ciphertext, aad) for nonce, ciphertext, aad in items]
+
+    def reencrypt_gcm_many(
+        self,
+        old_handle: SecretKeyHandle,
+        new_handle: SecretKeyHandle,
+        items: Iterable[tuple[bytes, bytes, bytes, bytes]],
+    ) -> list[tuple[bytes, bytes] | None]:
+        """Moves each (nonce, ciphertext, old associated data, new associated data) from
+        the old key to the new one in one locked call: each plaintext exists outside the
+        HSM only between its decryption and its encryption. An item that fails
+        authentication under the old key gives None."""
+        items = list(items)
+        nonces = [os.urandom(GCM_NONCE_BYTES) for _ in items]
+        with self._locked():
+            old_key = self._check_current(old_handle)
+            new_key = self._check_current(new_handle)
+            moved: list[tuple[bytes, bytes] | None] = []
+            for new_nonce, (nonce, ciphertext, old_aad, new_aad) in zip(nonces, items):
+                plaintext = self._gcm_open(old_key, nonce, ciphertext, old_aad)
+                moved.append(None if plaintext is None
+                             else (new_nonce, self._gcm_seal(new_key, new_nonce, plaintext, new_aad)))
+                del plaintext
+            return moved
+
+    def _gcm_seal(self, key: pkcs11.SecretKey, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        # Called under the lock.
+        if self._direct_cipher is None:
+            return key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS))
+        try:
+            return self._direct_cipher.gcm_encrypt(self._session.handle, key.handle, nonce, plaintext, aad,
+                                                   GCM_TAG_BITS)
+        except DirectSignError as error:
+            raise self._direct_error(error) from None
+
+    def _gcm_open(self, key: pkcs11.SecretKey, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
+        # Called under the lock. SoftHSM answers a failed tag check with
+        # CKR_GENERAL_ERROR, as it would a broken session: a probe with the same key
+        # tells them apart, so that a real HSM failure still reads as unavailable.
+        if len(nonce) != GCM_NONCE_BYTES or len(ciphertext) < GCM_TAG_BITS // 8:
+            return None
+        try:
+            if self._direct_cipher is None:
+                return key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
+                                   mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS))
+            return self._direct_cipher.gcm_decrypt(self._session.handle, key.handle, nonce, ciphertext, aad,
+                                                   GCM_TAG_BITS)
+        except DirectSignError as error:
+            if error.return_value not in _GCM_TAG_FAILURES:
+                raise self._direct_error(error) from None
+        except (p11.GeneralError, p11.EncryptedDataInvalid, p11.EncryptedDataLenRange):
+            pass
+        self._gcm_seal(key, bytes(GCM_NONCE_BYTES), b"", b"keysvc probe")  # raises if the HSM is failing
+        return None

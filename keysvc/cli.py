@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import os
 import sys
 
 import click
@@ -22,7 +23,16 @@ from google.protobuf.json_format import MessageToDict
 
 from keysvc import config as config_module
 from keysvc.seal_formats import decode_monetico_key
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc
+from keysvc.v1 import (
+    keys_pb2,
+    keys_pb2_grpc,
+    seals_pb2,
+    seals_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+    tokens_pb2,
+    tokens_pb2_grpc,
+)
 
 ALGORITHM_CHOICES = {
     "hmac-sha1": keys_pb2.KEY_ALGORITHM_HMAC_SHA1,
@@ -82,6 +92,7 @@ class Client:
         self.keys = keys_pb2_grpc.KeyServiceStub(self.channel)
         self.seals = seals_pb2_grpc.SealServiceStub(self.channel)
         self.signing = signing_pb2_grpc.SigningServiceStub(self.channel)
+        self.tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
         self.timeout = timeout
 
 
@@ -193,6 +204,8 @@ _config_option = click.option(
 @click.option("--log-level", type=click.Choice(config_module.LOG_LEVELS), default=None, help="[default: INFO]")
 @click.option("--log-access", type=click.Choice(config_module.ACCESS_LOG_MODES), default=None,
               help="One log event per call: for every call, for calls not OK, or none [default: errors].")
+@click.option("--allow-detokenize/--no-allow-detokenize", default=None,
+              help="Let Detokenize return PANs (off: PERMISSION_DENIED) [default: off].")
 @click.pass_context
 def serve(ctx, config_file, **params) -> None:
     """Run the keysvc gRPC server.
@@ -323,7 +336,7 @@ def read_secret(secret_file, secret_format: str) -> bytes:
                    "and the only text form, for Monetico keys): the 40-character Monetico / CM-CIC key, "
                    "decoded to its 20 bytes as the kits do.")
 @_with_profile_options
-@click.option("--version", type=int, default=0, help="The bank's version number (default: the next).")
+@click.option("--version", type=click.IntRange(0), default=0, help="The bank's version number (default: the next).")
 @click.option("--make-primary", is_flag=True, help="Seal with this version from now on.")
 @click.pass_context
 def keys_import(ctx, key_id, secret_file, secret_format, platform, charset, algorithm, version,
@@ -374,6 +387,53 @@ def keys_import(ctx, key_id, secret_file, secret_format, platform, charset, algo
            + describe_key(response.key))
 
 
+@keys.command("import-private-key")
+@click.argument("key_id")
+@click.option("--private-key-file", type=click.File("rb"), required=True,
+              help="An unencrypted RSA private key, PEM or DER, PKCS#8 or PKCS#1 ('-' for standard input).")
+@click.option("--version", type=click.IntRange(0), default=0, help="A version number (default: the next).")
+@click.option("--make-primary", is_flag=True, help="Sign with this version from now on.")
+@click.pass_context
+def keys_import_private_key(ctx, key_id, private_key_file, version, make_primary) -> None:
+    """Import an RSA private key as a version of the SIGN key KEY_ID, wrapped for the HSM in transit
+    (RSA_AES_KEY_WRAP_SHA1). The printed check value is compared with the public key's."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+
+    merchant_id, name = _split_key_id(key_id)
+    raw = private_key_file.read()
+    try:
+        loader = serialization.load_pem_private_key if raw.lstrip().startswith(b"-----") \
+            else serialization.load_der_private_key
+        private_key = loader(raw, password=None)
+    except (ValueError, TypeError):  # their text may quote the key
+        raise click.BadParameter("not an unencrypted PEM or DER private key", param_hint="--private-key-file") \
+            from None
+    if not isinstance(private_key, rsa.RSAPrivateKey) or private_key.key_size not in (2048, 3072, 4096):
+        raise click.BadParameter("must be an RSA key of 2048, 3072 or 4096 bits", param_hint="--private-key-file")
+    spki = private_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    expected_check_value = hashlib.sha256(spki).digest()[:3].hex().upper()
+    client = _client(ctx)
+    parameters = _call(ctx, client.keys.GetImportParameters, keys_pb2.GetImportParametersRequest())
+    public_key = serialization.load_pem_public_key(parameters.public_key_pem.encode())
+    transport_key = os.urandom(32)
+    wrapped = public_key.encrypt(
+        transport_key, padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    ) + aes_key_wrap_with_padding(transport_key, private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    response = _call(ctx, client.keys.ImportKey, keys_pb2.ImportKeyRequest(
+        merchant_id=merchant_id, name=name, purpose=keys_pb2.KEY_PURPOSE_SIGN,
+        algorithm=ALGORITHM_CHOICES[f"rsa-{private_key.key_size}"], wrapped_secret=wrapped,
+        import_key_id=parameters.import_key_id, version=version, make_primary=make_primary))
+    if response.check_value != expected_check_value:
+        click.echo(f"error: the HSM's check value {response.check_value} differs from the key's "
+                   f"{expected_check_value}", err=True)
+        ctx.exit(EXIT_ERROR)
+    _print(ctx, response, f"imported version {response.version}, check value {response.check_value}\n"
+           + describe_key(response.key))
+
+
 @keys.command("rotate")
 @click.argument("key_id")
 @click.pass_context
@@ -416,7 +476,7 @@ def keys_list(ctx, merchant_id) -> None:
 
 @keys.command("set-state")
 @click.argument("key_id")
-@click.argument("version", type=int)
+@click.argument("version", type=click.IntRange(0))
 @click.argument("state", type=click.Choice(list(STATE_CHOICES)))
 @click.pass_context
 def keys_set_state(ctx, key_id, version, state) -> None:
@@ -428,7 +488,7 @@ def keys_set_state(ctx, key_id, version, state) -> None:
 
 @keys.command("set-primary")
 @click.argument("key_id")
-@click.argument("version", type=int)
+@click.argument("version", type=click.IntRange(0))
 @click.pass_context
 def keys_set_primary(ctx, key_id, version) -> None:
     """Seal with VERSION from now on."""
@@ -439,7 +499,7 @@ def keys_set_primary(ctx, key_id, version) -> None:
 
 @keys.command("destroy")
 @click.argument("key_id")
-@click.argument("version", type=int)
+@click.argument("version", type=click.IntRange(0))
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def keys_destroy(ctx, key_id, version, yes) -> None:
@@ -489,7 +549,7 @@ _message_options = [
     click.option("--fields-json", default=None, help="SIPS POST: a JSON object to build Data from."),
     click.option("--base64-data", is_flag=True, help="SIPS POST with Encode=base64."),
     click.option("--encoding", type=click.Choice(list(ENCODING_CHOICES)), default="hex", show_default=True),
-    click.option("--version", type=int, default=0, help="A given version (default: primary / all)."),
+    click.option("--version", type=click.IntRange(0), default=0, help="A given version (default: primary / all)."),
 ]
 
 
@@ -567,7 +627,7 @@ _signature_options = [
     click.option("--message", default=None, help="The message, as UTF-8 text."),
     click.option("--message-file", type=click.File("rb"), default=None, help="The message bytes ('-': stdin)."),
     click.option("--digest", default=None, help="The message's hash (hex) instead of the message."),
-    click.option("--version", type=int, default=0, help="A given version (default: primary / all)."),
+    click.option("--version", type=click.IntRange(0), default=0, help="A given version (default: primary / all)."),
 ]
 
 
@@ -610,7 +670,7 @@ def verify_signature(ctx, key_id, signature, algorithm, message, message_file, d
 
 @keys.command("public-key")
 @click.argument("key_id")
-@click.option("--version", type=int, default=0, help="Default: the primary.")
+@click.option("--version", type=click.IntRange(0), default=0, help="Default: the primary.")
 @click.option("--jwk", is_flag=True, help="Print the JSON Web Key instead of PEM.")
 @click.option("--algorithm", type=click.Choice(list(SIGNATURE_ALGORITHM_CHOICES)), default="rsa-pss-sha256",
               show_default=True, help="The JWK's alg.")
@@ -629,11 +689,12 @@ def keys_public_key(ctx, key_id, version, jwk, algorithm) -> None:
 @click.option("--ip", "ip_addresses", multiple=True, help="An IP address alternative name (repeatable).")
 @click.option("--uri", "uris", multiple=True, help="A URI alternative name (repeatable).")
 @click.option("--email", "emails", multiple=True, help="An e-mail alternative name (repeatable).")
-@click.option("--version", type=int, default=0, help="Default: the primary.")
+@click.option("--version", type=click.IntRange(0), default=0, help="Default: the primary.")
 @click.option("--algorithm", type=click.Choice(list(SIGNATURE_ALGORITHM_CHOICES)), default="rsa-pkcs1-v15-sha256",
               show_default=True)
 @click.option("--self-signed", is_flag=True, help="A self-signed certificate (for tests) instead of a CSR.")
-@click.option("--days", type=int, default=30, show_default=True, help="Validity of a self-signed certificate.")
+@click.option("--days", type=click.IntRange(1, 825), default=30, show_default=True,
+              help="Validity of a self-signed certificate.")
 @click.pass_context
 def keys_csr(ctx, key_id, subject, dns_names, ip_addresses, uris, emails, version, algorithm, self_signed,
              days) -> None:
@@ -644,6 +705,140 @@ def keys_csr(ctx, key_id, subject, dns_names, ip_addresses, uris, emails, versio
         key_id=key_id, version=version, subject=subject, dns_names=dns_names, ip_addresses=ip_addresses, uris=uris,
         emails=emails, algorithm=SIGNATURE_ALGORITHM_CHOICES[algorithm], days=days))
     _print(ctx, response, response.pem.rstrip("\n"))
+
+# -- tokens -----------------------------------------------------------------------------------
+
+TOKEN_FORMAT_CHOICES = {"format-preserving": tokens_pb2.TOKEN_FORMAT_PRESERVING,
+                        "opaque": tokens_pb2.TOKEN_FORMAT_OPAQUE}
+# Item errors in a batch: the command prints what worked and exits with this code.
+EXIT_ITEM_ERRORS = 2
+
+
+@main.group()
+def tokens() -> None:
+    """Tokenize card numbers, read token metadata, delete tokens, manage a domain's keys."""
+
+
+def describe_token_info(info: tokens_pb2.TokenInfo) -> str:
+    expires = (info.expire_time.ToDatetime().isoformat(timespec="seconds") + "Z"
+               if info.HasField("expire_time") else "never")
+    return "\n".join([
+        f"token       {info.token}",
+        f"domain      {info.domain}",
+        f"masked PAN  {info.masked_pan}",
+        f"brand       {_enum_name(tokens_pb2.CardBrand, info.brand, 'CARD_BRAND_')}",
+        f"format      {_enum_name(tokens_pb2.TokenFormat, info.format, 'TOKEN_FORMAT_')}"
+        + (" (BIN kept)" if info.keep_bin else ""),
+        f"kind        {'deterministic' if info.deterministic else 'fresh'}",
+        f"key version {info.key_version}",
+        f"created     {info.create_time.ToDatetime().isoformat(timespec='seconds')}Z",
+        f"expires     {expires}",
+    ])
+
+
+@tokens.command("tokenize")
+@click.argument("domain")
+@click.option("--pan-file", type=click.File("r"), default="-", show_default=True,
+              help="PANs, one per line ('-': standard input). Never on the command line.")
+@click.option("--format", "token_format", type=click.Choice(list(TOKEN_FORMAT_CHOICES)),
+              default="format-preserving", show_default=True)
+@click.option("--keep-bin", is_flag=True, help="Keep the first 6 digits (format-preserving, 16+ digits).")
+@click.option("--fresh", is_flag=True, help="A new token even for a PAN tokenized before.")
+@click.option("--ttl", type=int, default=0, help="Seconds until the token expires (0: never).")
+@click.pass_context
+def tokens_tokenize(ctx, domain, pan_file, token_format, keep_bin, fresh, ttl) -> None:
+    """Print a token (and masked PAN) for each PAN read from --pan-file."""
+    pans = [line.strip() for line in pan_file if line.strip()]
+    if not pans:
+        raise click.UsageError("no PANs given on --pan-file")
+    request = tokens_pb2.TokenizeRequest(domain=domain, pans=pans, format=TOKEN_FORMAT_CHOICES[token_format],
+                                         keep_bin=keep_bin, fresh=fresh)
+    if ttl:
+        request.ttl.FromSeconds(ttl)
+    response = _call(ctx, _client(ctx).tokens.Tokenize, request)
+    lines, failed = [], False
+    for index, result in enumerate(response.results):
+        if result.WhichOneof("outcome") == "token":
+            lines.append(f"{result.token.token}  {result.token.masked_pan}  "
+                         f"{'new' if result.token.created else 'existing'}")
+        else:
+            failed = True
+            lines.append(f"error: item {index}: {result.error.reason}: {result.error.message}")
+    _print(ctx, response, "\n".join(lines))
+    if failed:
+        ctx.exit(EXIT_ITEM_ERRORS)
+
+
+@tokens.command("detokenize")
+@click.argument("domain")
+@click.argument("token_values", metavar="TOKEN...", nargs=-1, required=True)
+@click.pass_context
+def tokens_detokenize(ctx, domain, token_values) -> None:
+    """Print the PAN behind each TOKEN (the server must allow it)."""
+    response = _call(ctx, _client(ctx).tokens.Detokenize,
+                     tokens_pb2.DetokenizeRequest(domain=domain, tokens=list(token_values)))
+    lines, failed = [], False
+    for index, result in enumerate(response.results):
+        if result.WhichOneof("outcome") == "token":
+            lines.append(result.token.pan)
+        else:
+            failed = True
+            lines.append(f"error: item {index}: {result.error.reason}: {result.error.message}")
+    _print(ctx, response, "\n".join(lines))
+    if failed:
+        ctx.exit(EXIT_ITEM_ERRORS)
+
+
+@tokens.command("info")
+@click.argument("domain")
+@click.argument("token")
+@click.pass_context
+def tokens_info(ctx, domain, token) -> None:
+    """Show a token's metadata (never its PAN)."""
+    response = _call(ctx, _client(ctx).tokens.GetTokenInfo, tokens_pb2.GetTokenInfoRequest(domain=domain, token=token))
+    _print(ctx, response.info, describe_token_info(response.info))
+
+
+@tokens.command("delete")
+@click.argument("domain")
+@click.argument("token")
+@click.pass_context
+def tokens_delete(ctx, domain, token) -> None:
+    """Delete a token and its encrypted PAN."""
+    response = _call(ctx, _client(ctx).tokens.DeleteToken, tokens_pb2.DeleteTokenRequest(domain=domain, token=token))
+    _print(ctx, response, f"deleted {token}")
+
+
+@tokens.command("rotate-key")
+@click.argument("domain")
+@click.pass_context
+def tokens_rotate_key(ctx, domain) -> None:
+    """Add a data key version for DOMAIN; new tokens use it."""
+    response = _call(ctx, _client(ctx).tokens.RotateTokenKey, tokens_pb2.RotateTokenKeyRequest(domain=domain))
+    _print(ctx, response, f"new data key version {response.key_version}")
+
+
+@tokens.command("rewrap")
+@click.argument("domain")
+@click.option("--limit", type=int, default=0, help="At most this many tokens (0: the server's default).")
+@click.pass_context
+def tokens_rewrap(ctx, domain, limit) -> None:
+    """Re-encrypt DOMAIN's PANs under its newest data key version."""
+    response = _call(ctx, _client(ctx).tokens.RewrapTokens, tokens_pb2.RewrapTokensRequest(domain=domain, limit=limit))
+    _print(ctx, response, f"rewrapped {response.rewrapped} token(s) to version {response.key_version}; "
+           f"{response.remaining} remaining")
+
+
+@tokens.command("shred")
+@click.argument("domain")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def tokens_shred(ctx, domain, yes) -> None:
+    """Destroy DOMAIN's keys and tokens: every PAN of it becomes unrecoverable."""
+    if not yes:
+        click.confirm(f"Shred token domain {domain}? Its PANs become unrecoverable", abort=True)
+    response = _call(ctx, _client(ctx).tokens.ShredTokenDomain, tokens_pb2.ShredTokenDomainRequest(domain=domain))
+    _print(ctx, response, f"shredded {domain}: {response.tokens_destroyed} token(s) destroyed")
 
 
 if __name__ == "__main__":

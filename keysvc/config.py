@@ -51,6 +51,10 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_seal_message_bytes: int = 64 * 1024
     max_batch_items: int = 1000
+    # Detokenize answers PERMISSION_DENIED unless this is set (until callers have roles).
+    allow_detokenize: bool = False
+    # Seconds between purges of expired tokens.
+    token_purge_interval: float = 60.0
     # Operating (see README, "Operating keysvc"): '' serves no metrics.
     metrics_listen: str = ""
     log_format: str = "human"
@@ -97,6 +101,8 @@ SETTINGS = (
     Setting("log.access", "log_access", "KEYSVC_LOG_ACCESS", str),
     Setting("health.interval", "health_interval", "KEYSVC_HEALTH_INTERVAL", float),
     Setting("health.timeout", "health_timeout", "KEYSVC_HEALTH_TIMEOUT", float),
+    Setting("tokens.allow_detokenize", "allow_detokenize", "KEYSVC_ALLOW_DETOKENIZE", bool),
+    Setting("tokens.purge_interval", "token_purge_interval", "KEYSVC_TOKEN_PURGE_INTERVAL", float),
 )
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -172,6 +178,8 @@ def _problems(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("health_interval", "must be more than 0 seconds"))
     if not settings.health_timeout > 0:
         problems.append(("health_timeout", "must be more than 0 seconds"))
+    if not settings.token_purge_interval > 0:
+        problems.append(("token_purge_interval", "must be more than 0 seconds"))
     return problems
 
 

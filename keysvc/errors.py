@@ -64,3 +64,15 @@ class IntegrityError(KeysvcError):
     """Stored data failed its integrity check (e.g. a key record moved to another key)."""
 
     reason = "INTEGRITY_CHECK_FAILED"
+
+
+class PermissionDenied(KeysvcError):
+    """The caller may not do this (e.g. Detokenize while the server does not allow it)."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(KeysvcError):
+    """The caller did not prove who it is (no valid client certificate)."""
+
+    reason = "UNAUTHENTICATED"

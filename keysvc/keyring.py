@@ -57,6 +57,8 @@ def binding_message(key: Key, version: KeyVersion) -> bytes:
         version.wrapping_key_label.encode(),
         version.wrapped_key or b"",
     ]
+    if version.public_key is not None:
+        parts.append(version.public_key)
     if (key.platform, key.charset) != (KeyPlatform.GENERIC, Charset.UTF_8):
         # The profile too, so a record cannot be moved to another platform or charset.
         # Only when it is not the default, which keeps the tags of keys made before
@@ -71,13 +73,17 @@ def check_value(tag_over_zero_block: bytes) -> str:
     return tag_over_zero_block[:3].hex().upper()
 
 
+def subject_public_key_info(public_key_der: bytes) -> bytes:
+    """DER SubjectPublicKeyInfo of a DER public key (e.g. the HSM layer's RSAPublicKey)."""
+    return serialization.load_der_public_key(public_key_der).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def public_key_check_value(public_key_der: bytes) -> str:
     """An RSA key's check value: the first 3 bytes of SHA-256 over its public key
     (DER SubjectPublicKeyInfo), as hex."""
-    spki = serialization.load_der_public_key(public_key_der).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).digest()[:3].hex().upper()
+    return hashlib.sha256(subject_public_key_info(public_key_der)).digest()[:3].hex().upper()
 
 
 def load_handle(token: hsm.Hsm, algorithm: KeyAlgorithm, wrapped_key: bytes) -> hsm.SecretKeyHandle:
@@ -117,8 +123,8 @@ class KeyRing:
         self._lock = threading.Lock()
         self._keys: dict[str, tuple[Key, float]] = {}
         self._handles: OrderedDict[tuple[str, int], hsm.SecretKeyHandle] = OrderedDict()
-        # Public, so never released; a destroyed version's stays harmlessly.
-        self._public_keys: dict[tuple[str, int], bytes] = {}
+        # Public keys whose records passed the binding check, by (key id, version).
+        self._checked_public_keys: dict[tuple[str, int], bytes] = {}
 
     # -- metadata -----------------------------------------------------------------------
 
@@ -187,6 +193,32 @@ class KeyRing:
             except hsm.HsmError:
                 pass
 
+    def _check_binding(self, key: Key, version: KeyVersion) -> None:
+        """Raises IntegrityError unless the version's record is the one the HSM bound."""
+        with hsm_errors():
+            expected = self._hsm.bind(binding_message(key, version))
+        if not hmac.compare_digest(expected, version.binding_tag):
+            raise IntegrityError(
+                f"the stored record of version {version.version} of key {key.key_id!r} failed its integrity check"
+            )
+
+    def public_key(self, key: Key, version: KeyVersion) -> bytes:
+        """The RSA version's stored public key (DER SubjectPublicKeyInfo), once its record
+        passed the binding check: a public key swapped in the database is refused. The
+        check needs the HSM once per version and process; verifying does not after that."""
+        if version.public_key is None or version.wrapped_key is None:
+            raise FailedPrecondition(f"version {version.version} of key {key.key_id!r} has no usable public key")
+        name = (key.key_id, version.version)
+        with self._lock:
+            if self._checked_public_keys.get(name) == version.public_key:
+                return version.public_key
+        self._check_binding(key, version)
+        with self._lock:
+            if len(self._checked_public_keys) >= self._max_handles:
+                self._checked_public_keys.clear()  # rare; they are checked again on use
+            self._checked_public_keys[name] = version.public_key
+        return version.public_key
+
     def _handle(self, key: Key, version: KeyVersion) -> hsm.SecretKeyHandle:
         name = (key.key_id, version.version)
         with self._lock:
@@ -198,13 +230,8 @@ class KeyRing:
         key_cache_total.labels("miss").inc()
         if version.wrapped_key is None:
             raise FailedPrecondition(f"version {version.version} of key {key.key_id!r} is destroyed")
+        self._check_binding(key, version)
         with hsm_errors():
-            expected = self._hsm.bind(binding_message(key, version))
-            if not hmac.compare_digest(expected, version.binding_tag):
-                raise IntegrityError(
-                    f"the stored record of version {version.version} of key {key.key_id!r} "
-                    "failed its integrity check"
-                )
             handle = load_handle(self._hsm, key.algorithm, version.wrapped_key)
         evicted = []
         with self._lock:
@@ -245,14 +272,3 @@ class KeyRing:
                    digests: list[bytes]) -> list[bytes]:
         """The RSA key version's signature of each precomputed hash, made in the HSM."""
         return self._use(key, version, lambda handle: self._hsm.rsa_sign_digests(handle, padding, digest, digests))
-
-    def public_key_der(self, key: Key, version: KeyVersion) -> bytes:
-        """The RSA key version's public key (DER RSAPublicKey), cached with its handle."""
-        name = (key.key_id, version.version)
-        with self._lock:
-            found = self._public_keys.get(name)
-        if found is None:
-            found = self._use(key, version, self._hsm.public_key_der)
-            with self._lock:
-                self._public_keys[name] = found
-        return found

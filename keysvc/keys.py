@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from dataclasses import dataclass, replace
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 import hsm
 from keysvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -31,6 +35,7 @@ from keysvc.keyring import (
     hsm_errors,
     load_handle,
     public_key_check_value,
+    subject_public_key_info,
 )
 from keysvc.model import (
     PLATFORM_ALGORITHMS,
@@ -74,6 +79,8 @@ class NewMaterial:
     wrapped_key: bytes
     check_value: str
     origin: KeyOrigin
+    # RSA: the public key, DER SubjectPublicKeyInfo.
+    public_key: bytes | None = None
 
 
 def validate_merchant_id(merchant_id: str) -> None:
@@ -136,11 +143,6 @@ class KeyManager:
 
     def _check_value(self, algorithm: KeyAlgorithm, wrapped_key: bytes) -> str:
         handle = load_handle(self._hsm, algorithm, wrapped_key)
-        if algorithm.is_rsa:
-            try:
-                return public_key_check_value(self._hsm.public_key_der(handle))
-            finally:
-                self._hsm.release_secret(handle)
         try:
             return check_value(compute_tags(self._hsm, handle, algorithm, [CHECK_VALUE_MESSAGE])[0])
         finally:
@@ -150,8 +152,8 @@ class KeyManager:
         # As long as the digest: the most HMAC uses, and the least SoftHSM accepts.
         with hsm_errors():
             if algorithm.is_rsa:
-                wrapped, _public = self._hsm.generate_wrapped_rsa_key(algorithm.rsa_bits)
-                return NewMaterial(wrapped, self._check_value(algorithm, wrapped), KeyOrigin.GENERATED)
+                wrapped, public_der = self._hsm.generate_wrapped_rsa_key(algorithm.rsa_bits)
+                return self._rsa_material(wrapped, public_der, KeyOrigin.GENERATED)
             length = algorithm.digest.digest_size
             if algorithm.is_hmac:
                 wrapped = self._hsm.generate_wrapped_secret(length)
@@ -212,10 +214,31 @@ class KeyManager:
             ) from None
         except hsm.HsmError as error:
             raise Unavailable(f"the HSM is unavailable: {error}") from None
-        bits = serialization.load_der_public_key(public_der).key_size
-        if bits != algorithm.rsa_bits:
-            raise InvalidArgument("wrapped_secret", f"holds an RSA-{bits} key, not {algorithm.value}")
-        return NewMaterial(wrapped, public_key_check_value(public_der), KeyOrigin.IMPORTED)
+        public_key = serialization.load_der_public_key(public_der)
+        if public_key.key_size != algorithm.rsa_bits:
+            raise InvalidArgument("wrapped_secret", f"holds an RSA-{public_key.key_size} key, not {algorithm.value}")
+        self._check_private_key_matches(wrapped, public_key)
+        return self._rsa_material(wrapped, public_der, KeyOrigin.IMPORTED)
+
+    @staticmethod
+    def _rsa_material(wrapped: bytes, public_der: bytes, origin: KeyOrigin) -> NewMaterial:
+        return NewMaterial(wrapped, public_key_check_value(public_der), origin, subject_public_key_info(public_der))
+
+    def _check_private_key_matches(self, wrapped: bytes, public_key) -> None:
+        """Signs a probe in the HSM and checks it with the public key: a damaged private
+        key (its public half intact) would otherwise sign what nobody can verify."""
+        probe = hashlib.sha256(b"keysvc import check").digest()
+        with hsm_errors():
+            handle = self._hsm.load_private_key(wrapped)
+            try:
+                [signature] = self._hsm.rsa_sign_digests(handle, hsm.RsaPadding.PKCS1_V15, hsm.Digest.SHA256, [probe])
+            finally:
+                self._hsm.release_secret(handle)
+        try:
+            public_key.verify(signature, probe, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        except InvalidSignature:
+            raise InvalidArgument("wrapped_secret", "holds an RSA private key that does not match its own "
+                                                    "public key") from None
 
     def _new_version(self, key: Key, number: int, material: NewMaterial) -> KeyVersion:
         version = KeyVersion(
@@ -226,6 +249,7 @@ class KeyManager:
             created_at=utcnow(),
             wrapped_key=material.wrapped_key,
             wrapping_key_label=hsm.token.MASTER_KEY_LABEL,
+            public_key=material.public_key,
         )
         with hsm_errors():
             tag = self._hsm.bind(binding_message(key, version))

@@ -136,6 +136,8 @@ class KeyVersion:
     # HMAC under the HSM binding key over the key id, version, algorithm and wrapped key.
     binding_tag: bytes = field(default=b"", repr=False)
     destroyed_at: datetime | None = None
+    # RSA versions: the public key, DER SubjectPublicKeyInfo; kept once destroyed.
+    public_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from keysvc.metrics import MeasuredHsm, dependency_up
 from keysvc.seals import Sealer
 from keysvc.signing import Signer
 from keysvc.store import KeyStore
+from keysvc.store.tokens import TokenStore
+from keysvc.tokens import Tokenizer
 
 log = logging.getLogger("keysvc")
 
@@ -44,6 +46,7 @@ class Services:
     keys: KeyManager
     sealer: Sealer
     signer: Signer
+    tokenizer: Tokenizer | None = None
 
 
 def prepare(settings: Settings) -> None:
@@ -66,7 +69,24 @@ def open_services(settings: Settings) -> Services:
     sealer = Sealer(
         ring, max_message_bytes=settings.max_seal_message_bytes, max_batch_items=settings.max_batch_items
     )
-    return Services(store, KeyManager(token, store, ring), sealer, Signer(ring))
+    tokenizer = Tokenizer(
+        token, TokenStore(store.engine), detokenize_allowed=settings.allow_detokenize,
+        max_batch_items=settings.max_batch_items,
+    )
+    return Services(store, KeyManager(token, store, ring), sealer, Signer(ring), tokenizer)
+
+
+def _purge_expired_tokens(tokenizer: Tokenizer, interval: float, stop: threading.Event) -> None:
+    """Deletes expired tokens every `interval` seconds until `stop` is set. Every worker
+    runs it; the deletes are idempotent."""
+    while not stop.wait(interval):
+        try:
+            purged = tokenizer.purge_expired()
+        except Exception as error:  # noqa: BLE001 - the next round tries again
+            log.warning("purging expired tokens failed: %s", type(error).__name__)
+            continue
+        if purged:
+            log.info("purged %d expired token(s)", purged)
 
 
 def _stop_event_on_signals() -> threading.Event:
@@ -116,11 +136,15 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     )
     server, port, health_servicer = create_server(
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
-        on_unavailable=monitor.probe_soon,
+        tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon,
     )
     monitor.start()
     stop = _stop_event_on_signals()
     server.start()
+    threading.Thread(
+        target=_purge_expired_tokens, args=(services.tokenizer, settings.token_purge_interval, stop),
+        name="keysvc-token-purge", daemon=True,
+    ).start()
     if on_ready is not None:
         on_ready(port)
     stop.wait()

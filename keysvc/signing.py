@@ -3,9 +3,9 @@
 The message is hashed here (it is not secret), and the HSM signs the hash: PKCS#1 v1.5
 over its DigestInfo, or PSS with MGF1 and a salt as long as the hash. A caller may send
 the hash itself instead of the message. Verification uses `cryptography` on the public
-key (the HSM is not needed to check a signature). Certificate signing requests and
-test certificates are built here and signed in the HSM, so a key can be certified
-without leaving it.
+key stored with each version (the HSM only checks, once per version, that the stored
+record is the one it bound). Certificate signing requests and test certificates are built here and signed in the HSM, so a key
+can be certified without leaving it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import datetime
 import enum
 import hashlib
 import ipaddress
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -275,7 +276,7 @@ class Signer:
     # -- verification -------------------------------------------------------------------
 
     def _public_key(self, key: Key, version: KeyVersion):
-        return serialization.load_der_public_key(self._ring.public_key_der(key, version))
+        return serialization.load_der_public_key(self._ring.public_key(key, version))
 
     def verify(self, request: VerifySignatureRequest) -> SignatureVerification:
         """Whether the signature is the key's (the named version's, or any ENABLED or
@@ -379,9 +380,18 @@ def _pem(label: str, der: bytes) -> str:
     return f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n"
 
 
+# A host name, optionally with a leading wildcard label: labels of letters, digits and
+# inner hyphens, 1-63 characters.
+_DNS_NAME = re.compile(r"(\*\.)?(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
 def _subject_parts(subject: CertificateSubject) -> tuple[asn1_x509.Name, list]:
     """The subject Name and the subjectAltName extension (if any SAN) in asn1crypto form,
     parsed and checked with `cryptography` (RFC 4514 names, IP addresses)."""
+    if any(ord(character) < 32 or ord(character) == 127 for character in subject.name):
+        raise InvalidArgument("subject", "holds a control character")
+    if re.search(r"=\s*#", subject.name):
+        raise InvalidArgument("subject", "a value in #hex (BER) form is not accepted: write it as text")
     try:
         parsed = x509.Name.from_rfc4514_string(subject.name)
     except ValueError:
@@ -392,6 +402,12 @@ def _subject_parts(subject: CertificateSubject) -> tuple[asn1_x509.Name, list]:
         name = asn1_x509.Name.load(parsed.public_bytes())
     except ValueError:
         raise InvalidArgument("subject", "holds a value its attribute does not allow (e.g. C is 2 letters)") from None
+    for dns_name in subject.dns_names:
+        if not _DNS_NAME.fullmatch(dns_name) or len(dns_name) > 253:
+            raise InvalidArgument("subject_alternative_names", "holds a DNS name that is not a host name")
+    if any(not uri or not uri.isprintable() or " " in uri for uri in subject.uris) or \
+            any("@" not in email or not email.isprintable() for email in subject.emails):
+        raise InvalidArgument("subject_alternative_names", "holds an empty or malformed URI or e-mail address")
     general_names: list[x509.GeneralName] = []
     try:
         general_names += [x509.DNSName(value) for value in subject.dns_names]

@@ -461,6 +461,28 @@ def test_sign_verify_public_key_and_csr_commands(cli_server, merchant, tmp_path)
     assert jwk["kid"] == f"{key_id}#1" and jwk["alg"] == "PS256"
     assert x509.load_pem_x509_csr(csr.encode()).is_signature_valid
 
+
+def test_keys_import_private_key_signs_like_the_original(cli_server, merchant, tmp_path):
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(private_key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.TraditionalOpenSSL,
+                                                   serialization.NoEncryption()))
+    key_id = f"{merchant}/imported-rsa"
+
+    imported = ok(keysvc(cli_server, "keys", "import-private-key", key_id, "--private-key-file", str(key_file)))
+    signature = ok(keysvc(cli_server, "sign", key_id, "--algorithm", "rsa-pss-sha512", "--message", "m")).strip()
+    garbage = keysvc(cli_server, "keys", "import-private-key", f"{merchant}/bad", "--private-key-file", "-",
+                     stdin="-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+
+    assert "imported version 1" in imported
+    private_key.public_key().verify(base64.b64decode(signature), b"m",
+                                    padding.PSS(mgf=padding.MGF1(hashes.SHA512()), salt_length=64), hashes.SHA512())
+    assert garbage.returncode == EXIT_ERROR and "not a key" not in garbage.stderr
+
 # Last: it stops the module's server.
 def test_sigterm_stops_the_server_with_exit_code_0_within_10_s(cli_server, api):
     api.keys.ListKeys(keys_pb2.ListKeysRequest(page_size=1), timeout=10)

@@ -44,6 +44,10 @@ access = "all"
 [health]
 interval = 0.5
 timeout = 2
+
+[tokens]
+allow_detokenize = true
+purge_interval = 30
 """
 
 
@@ -70,7 +74,7 @@ def test_every_setting_is_read_from_the_file(tmp_path, pin_file):
         hsm_module="/opt/hsm/lib.so", token_label="prod", pin="987654", pin_file=str(pin_file),
         max_message_bytes=1048576, max_seal_message_bytes=8192, max_batch_items=100,
         metrics_listen="127.0.0.1:9464", log_format="json", log_level="WARNING", log_access="all",
-        health_interval=0.5, health_timeout=2.0,
+        health_interval=0.5, health_timeout=2.0, allow_detokenize=True, token_purge_interval=30.0,
     )
     assert sources["workers"] == path and sources["pin"] == "the file named by hsm.pin_file"
 

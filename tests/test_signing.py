@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from keysvc.errors import FailedPrecondition, InvalidArgument, NotFound
 from keysvc.model import KeyAlgorithm, KeyOrigin, KeyPurpose, KeyVersionState
 from keysvc.seals import SealRequest
-from keysvc.signing import CertificateSubject, SignatureAlgorithm, SignRequest, VerifySignatureRequest
+from keysvc.keyring import KeyRing
+from keysvc.signing import CertificateSubject, SignatureAlgorithm, Signer, SignRequest, VerifySignatureRequest
 from keysvc.v1 import keys_pb2, signing_pb2
 from tests.crypto_helpers import import_private_key
 
@@ -381,3 +382,127 @@ def test_grpc_signing_with_a_sealing_key_is_failed_precondition(server, merchant
             timeout=TIMEOUT)
 
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# -- found in review --------------------------------------------------------------------------------
+
+
+def test_import_of_a_key_that_is_not_rsa_pkcs8_is_invalid_argument(domain, merchant, rsa_key_2048):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    not_rsa = pkcs8(ec.generate_private_key(ec.SECP256R1()))
+    pkcs1 = rsa_key_2048.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
+                                       serialization.NoEncryption())
+    for payload in (not_rsa, pkcs1, os.urandom(64)):
+        with pytest.raises(InvalidArgument) as raised:
+            import_private_key(domain, merchant, "bad", payload, KeyAlgorithm.RSA_2048)
+        assert raised.value.field == "wrapped_secret"
+
+
+def test_import_of_a_private_key_that_does_not_match_its_public_key_is_refused(domain, merchant, rsa_key_2048):
+    numbers = rsa_key_2048.private_numbers()
+    # d and a CRT exponent damaged (OpenSSL, under SoftHSM, redoes a CRT result that fails its check
+    # with d), the public half kept intact.
+    broken = rsa.RSAPrivateNumbers(numbers.p, numbers.q, numbers.d ^ 2, numbers.dmp1 ^ 2, numbers.dmq1, numbers.iqmp,
+                                   numbers.public_numbers)
+    der = _unchecked_pkcs8(broken)
+
+    with pytest.raises(InvalidArgument, match="does not match"):
+        import_private_key(domain, merchant, "broken", der, KeyAlgorithm.RSA_2048)
+
+
+def _unchecked_pkcs8(numbers: rsa.RSAPrivateNumbers) -> bytes:
+    """PKCS#8 DER of RSA numbers that `cryptography` would refuse to load."""
+    from asn1crypto import keys as asn1_keys
+
+    private = asn1_keys.RSAPrivateKey({
+        "version": 0, "modulus": numbers.public_numbers.n, "public_exponent": numbers.public_numbers.e,
+        "private_exponent": numbers.d, "prime1": numbers.p, "prime2": numbers.q, "exponent1": numbers.dmp1,
+        "exponent2": numbers.dmq1, "coefficient": numbers.iqmp,
+    })
+    return asn1_keys.PrivateKeyInfo({
+        "version": 0, "private_key_algorithm": {"algorithm": "rsa"}, "private_key": private,
+    }).dump()
+
+
+def test_a_loaded_signing_key_signs_and_can_neither_decrypt_nor_unwrap(domain, merchant):
+    from pkcs11 import Attribute
+
+    key = domain.keys.create_key(merchant, "sign", SIGN, KeyAlgorithm.RSA_2048)
+    domain.signer.sign(SignRequest(key.key_id, SignatureAlgorithm.RSA_PSS_SHA256, b"m"))
+
+    handle = domain.ring._handles[(key.key_id, 1)]
+    with domain.hsm.exclusive():
+        attributes = {name: handle._key[name] for name in (Attribute.SIGN, Attribute.DECRYPT, Attribute.UNWRAP,
+                                                           Attribute.SIGN_RECOVER, Attribute.EXTRACTABLE)}
+    assert attributes == {Attribute.SIGN: True, Attribute.DECRYPT: False, Attribute.UNWRAP: False,
+                          Attribute.SIGN_RECOVER: False, Attribute.EXTRACTABLE: False}
+
+
+def test_disabled_versions_do_not_verify_and_retired_ones_make_no_csr(domain, merchant):
+    key = domain.keys.create_key(merchant, "sign", SIGN, KeyAlgorithm.RSA_2048)
+    algorithm = SignatureAlgorithm.RSA_PSS_SHA256
+    signature = domain.signer.sign(SignRequest(key.key_id, algorithm, b"m")).signature
+    domain.keys.rotate_key(key.key_id)
+    domain.keys.set_version_state(key.key_id, 1, KeyVersionState.VERIFY_ONLY)
+
+    with pytest.raises(FailedPrecondition):
+        domain.signer.certificate_signing_request(key.key_id, CertificateSubject("CN=x"), version=1)
+    domain.keys.set_version_state(key.key_id, 1, KeyVersionState.DISABLED)
+    assert not domain.signer.verify(VerifySignatureRequest(key.key_id, algorithm, signature, b"m")).valid
+    with pytest.raises(FailedPrecondition):
+        domain.signer.verify(VerifySignatureRequest(key.key_id, algorithm, signature, b"m", version=1))
+
+
+@pytest.mark.parametrize("subject", [
+    CertificateSubject("CN=#0403616263"), CertificateSubject("CN=a\x00b"),
+    CertificateSubject("CN=x", dns_names=("",)), CertificateSubject("CN=x", dns_names=("a b",)),
+    CertificateSubject("CN=x", dns_names=("-bad.example",)), CertificateSubject("CN=x", uris=("",)),
+    CertificateSubject("CN=x", emails=("nobody",)),
+])
+def test_odd_subjects_and_names_are_refused(domain, merchant, subject):
+    key = domain.keys.create_key(merchant, "sign", SIGN, KeyAlgorithm.RSA_2048)
+
+    with pytest.raises(InvalidArgument):
+        domain.signer.certificate_signing_request(key.key_id, subject)
+
+
+def test_grpc_an_unknown_signature_algorithm_is_invalid_argument(server, merchant):
+    created = server.keys.CreateKey(keys_pb2.CreateKeyRequest(
+        merchant_id=merchant, name="sign", purpose=keys_pb2.KEY_PURPOSE_SIGN,
+        algorithm=keys_pb2.KEY_ALGORITHM_RSA_2048), timeout=TIMEOUT).key
+
+    with pytest.raises(grpc.RpcError) as raised:
+        server.signing.Sign(signing_pb2.SignRequest(key_id=created.key_id, algorithm=99, message=b"m"),
+                            timeout=TIMEOUT)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "algorithm" in raised.value.details()
+
+
+def test_the_public_key_is_stored_with_the_version_and_bound_to_it(domain, merchant):
+    import sqlalchemy as sa
+
+    from keysvc.errors import IntegrityError
+    from keysvc.store.schema import key_versions
+
+    key = domain.keys.create_key(merchant, "sign", SIGN, KeyAlgorithm.RSA_2048)
+    other = domain.keys.create_key(merchant, "other", SIGN, KeyAlgorithm.RSA_2048)
+    stored = domain.store.load_key(key.key_id).versions[0].public_key
+    assert serialization.load_der_public_key(stored).public_numbers() == \
+        public_key_of(domain, key.key_id).public_numbers()
+
+    # Another key's public key swapped in: signatures would verify against the wrong key.
+    with domain.store.engine.begin() as connection:
+        connection.execute(sa.update(key_versions).where(key_versions.c.key_id == key.key_id)
+                           .values(public_key=domain.store.load_key(other.key_id).versions[0].public_key))
+    tampered = domain.store.load_key(key.key_id)
+    forged = domain.signer.sign(SignRequest(other.key_id, SignatureAlgorithm.RSA_PSS_SHA256, b"m"))
+
+    for ring in (domain.ring, KeyRing(domain.hsm, domain.store)):  # this process, and a fresh one
+        ring.remember(tampered)
+        with pytest.raises(IntegrityError):
+            ring.public_key(tampered, tampered.versions[0])
+    with pytest.raises(IntegrityError):
+        Signer(KeyRing(domain.hsm, domain.store)).verify(VerifySignatureRequest(
+            key.key_id, SignatureAlgorithm.RSA_PSS_SHA256, forged.signature, b"m"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -14,16 +15,20 @@ from keysvc.keys import KeyManager
 from keysvc.rpc.interceptors import ObservingInterceptor
 from keysvc.rpc.keys_servicer import KeyServicer
 from keysvc.rpc.seals_servicer import SealServicer
+from keysvc.rpc.tokens_servicer import TokenServicer
+from keysvc.tokens import Tokenizer
 from keysvc.rpc.signing_servicer import SigningServicer
 from keysvc.seals import Sealer
 from keysvc.signing import Signer
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc
+from keysvc.v1 import tokens_pb2, tokens_pb2_grpc
 
 SERVICE_NAMES = (
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
     seals_pb2.DESCRIPTOR.services_by_name["SealService"].full_name,
     signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
 )
+TOKEN_SERVICE_NAME = tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 
 
 @dataclass(frozen=True)
@@ -65,31 +70,41 @@ def listen(server: grpc.Server, address: str) -> int:
 
 def create_server(
     address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions(),
-    *, signer: Signer, on_unavailable: Callable[[], None] | None = None,
+    *, signer: Signer, tokenizer: Tokenizer | None = None, on_unavailable: Callable[[], None] | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A server bound to `address` ('host:0' picks a port), not yet started.
-    Returns the server, the bound port and its health servicer.
+    """A server bound to `address` ('host:0' picks a port), not yet started; it offers
+    TokenService when given a tokenizer. Returns the server, the bound port and its
+    health servicer.
 
     Every unary call is observed (request id, access log, metrics: see
     rpc/interceptors.py); `on_unavailable` is called after a call ends UNAVAILABLE."""
     server = new_grpc_server(options, [ObservingInterceptor(on_unavailable, access_log=options.access_log)])
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
+    service_names = SERVICE_NAMES
+    if tokenizer is not None:
+        tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(tokenizer), server)
+        service_names = (*SERVICE_NAMES, TOKEN_SERVICE_NAME)
     signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(signer), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *SERVICE_NAMES):
+    for name in ("", *service_names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if options.reflection:
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+    _SERVED[health_servicer] = service_names
     return server, listen(server, address), health_servicer
+
+
+# The keysvc services each health servicer answers for (set_serving marks those).
+_SERVED: "weakref.WeakKeyDictionary[health.HealthServicer, tuple[str, ...]]" = weakref.WeakKeyDictionary()
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     """Marks the whole server and each keysvc service SERVING or NOT_SERVING (ignored
     once the servicer is shutting down)."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", *SERVICE_NAMES):
+    for name in ("", *_SERVED.get(health_servicer, SERVICE_NAMES)):
         health_servicer.set(name, status)

@@ -129,6 +129,7 @@ def _version_from_row(row) -> KeyVersion:
         wrapping_key_label=row.wrapping_key_label,
         binding_tag=row.binding_tag,
         destroyed_at=_as_utc(row.destroyed_at),
+        public_key=row.public_key,
     )
 
 
@@ -142,6 +143,7 @@ def _version_values(key_id: str, version: KeyVersion) -> dict:
         "wrapped_key": version.wrapped_key,
         "wrapping_key_label": version.wrapping_key_label,
         "binding_tag": version.binding_tag,
+        "public_key": version.public_key,
         "created_at": version.created_at,
         "destroyed_at": version.destroyed_at,
     }

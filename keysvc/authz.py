@@ -1,0 +1,135 @@
+"""Who may call what: roles, the RPCs each role may call, and the policy file that
+grants roles to caller identities (PCI DSS 7: each caller does its job and no more).
+
+    gateway      seals and verifies (SealService), tokenizes (Tokenize, GetTokenInfo)
+    detokenizer  Detokenize
+    signer       SigningService
+    key-admin    KeyService, and token data-key administration
+    auditor      AuditService
+
+A grant may be limited to some merchants (key ids `<merchant>/<name>`) or token
+domains; by default it covers all. Anything not granted is refused.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = ("gateway", "detokenizer", "signer", "key-admin", "auditor")
+ALL = "*"
+
+_SEALS = "/keysvc.v1.SealService/"
+_SIGNING = "/keysvc.v1.SigningService/"
+_KEYS = "/keysvc.v1.KeyService/"
+_TOKENS = "/keysvc.v1.TokenService/"
+_AUDIT = "/keysvc.v1.AuditService/"
+
+# Method name prefix (a service) or full method name → the roles that may call it.
+RPC_ROLES: dict[str, frozenset[str]] = {
+    _SEALS: frozenset({"gateway"}),
+    _SIGNING: frozenset({"signer"}),
+    _KEYS: frozenset({"key-admin"}),
+    _TOKENS + "Tokenize": frozenset({"gateway"}),
+    _TOKENS + "GetTokenInfo": frozenset({"gateway", "detokenizer", "key-admin"}),
+    _TOKENS + "Detokenize": frozenset({"detokenizer"}),
+    _TOKENS + "DeleteToken": frozenset({"key-admin"}),
+    _TOKENS + "RotateTokenKey": frozenset({"key-admin"}),
+    _TOKENS + "RewrapTokens": frozenset({"key-admin"}),
+    _TOKENS + "ShredTokenDomain": frozenset({"key-admin"}),
+    _AUDIT: frozenset({"auditor"}),
+}
+# Calls that change keys or reveal card numbers: recorded in the audit trail whatever
+# their outcome (denied calls of every method are recorded too).
+AUDITED_METHODS = frozenset({
+    _KEYS + name for name in ("CreateKey", "ImportKey", "RotateKey", "SetKeyVersionState", "SetPrimaryVersion",
+                              "DestroyKeyVersion")
+} | {
+    _TOKENS + name for name in ("Detokenize", "DeleteToken", "RotateTokenKey", "RewrapTokens", "ShredTokenDomain")
+})
+
+
+def roles_for(method: str) -> frozenset[str]:
+    """The roles that may call `method` (a full gRPC method name); empty when none."""
+    found = RPC_ROLES.get(method)
+    if found is None:
+        found = RPC_ROLES.get(method[: method.rfind("/") + 1], frozenset())
+    return found
+
+
+class PolicyError(ValueError):
+    """The policy file is malformed; the message names the grant and the setting."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    identity: str
+    roles: frozenset[str]
+    merchants: frozenset[str] = frozenset({ALL})
+    domains: frozenset[str] = frozenset({ALL})
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a request touches: the merchants of its key ids, its token domains."""
+
+    merchants: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str = ""
+
+
+class Policy:
+    def __init__(self, grants: list[Grant]) -> None:
+        self._grants = {grant.identity: grant for grant in grants}
+
+    @classmethod
+    def load(cls, path: Path) -> "Policy":
+        """Reads a TOML policy: [[grant]] identity, roles, optional merchants, domains."""
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise PolicyError(f"cannot read the policy {path}: {error}") from None
+        grants = []
+        for index, entry in enumerate(document.get("grant", [])):
+            where = f"grant {index + 1}"
+            identity = entry.get("identity")
+            roles = entry.get("roles", [])
+            if not isinstance(identity, str) or not identity:
+                raise PolicyError(f"{where}: identity must be a non-empty string")
+            if not isinstance(roles, list) or not roles or any(role not in ROLES for role in roles):
+                raise PolicyError(f"{where}: roles must be a list of {', '.join(ROLES)}")
+            limits = {}
+            for name in ("merchants", "domains"):
+                value = entry.get(name, [ALL])
+                if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+                    raise PolicyError(f"{where}: {name} must be a list of names (or [\"*\"])")
+                limits[name] = frozenset(value)
+            grants.append(Grant(identity, frozenset(roles), **limits))
+        identities = [grant.identity for grant in grants]
+        if len(set(identities)) != len(identities):
+            raise PolicyError("an identity has two grants: merge them")
+        return cls(grants)
+
+    def roles_of(self, identity: str) -> frozenset[str]:
+        grant = self._grants.get(identity)
+        return grant.roles if grant else frozenset()
+
+    def decide(self, identity: str, method: str, scope: Scope) -> Decision:
+        grant = self._grants.get(identity)
+        if grant is None:
+            return Decision(False, f"{identity or 'the caller'} has no grant in the policy")
+        needed = roles_for(method)
+        if not needed & grant.roles:
+            wanted = " or ".join(sorted(needed)) or "a role no one holds"
+            return Decision(False, f"{method} needs the {wanted} role")
+        if ALL not in grant.merchants and not scope.merchants <= grant.merchants:
+            return Decision(False, "the grant does not cover this merchant")
+        if ALL not in grant.domains and not scope.domains <= grant.domains:
+            return Decision(False, "the grant does not cover this token domain")
+        return Decision(True)

@@ -1,0 +1,131 @@
+"""Authentication, authorisation and the audit trail for every RPC, in one interceptor.
+
+The caller's identity comes from its TLS client certificate (keysvc.pki.identity_of);
+the policy (keysvc.authz) says whether it may make the call on the merchants and token
+domains the request names. Refused calls end UNAUTHENTICATED or PERMISSION_DENIED and
+are recorded. Audited calls (key changes, detokenization) are recorded before they run
+(no record, no call: UNAVAILABLE) and again with their outcome. Health checking and
+reflection stay open. Without a policy (the --insecure-loopback development mode)
+every call is allowed and recorded as made by "insecure-loopback".
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import grpc
+
+from keysvc import errors
+from keysvc.audit import AuditTrail
+from keysvc.authz import AUDITED_METHODS, Policy, Scope
+from keysvc.pki import identity_of
+from keysvc.rpc.errors import rich_status
+
+log = logging.getLogger("keysvc.auth")
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+INSECURE_IDENTITY = "insecure-loopback"
+
+
+def scope_of(request) -> Scope:
+    """The merchants and token domains a request names, in any field or batch item."""
+    merchants: set[str] = set()
+    domains: set[str] = set()
+
+    def walk(message) -> None:
+        for descriptor, value in message.ListFields():
+            if descriptor.message_type is not None:
+                for item in value if descriptor.label == descriptor.LABEL_REPEATED else [value]:
+                    walk(item)
+            elif descriptor.name == "key_id":
+                merchants.add(value.partition("/")[0])
+            elif descriptor.name == "merchant_id":
+                merchants.add(value)
+            elif descriptor.name == "domain":
+                domains.add(value)
+
+    walk(request)
+    return Scope(frozenset(merchants), frozenset(domains))
+
+
+def _target(scope: Scope, request) -> str:
+    parts = sorted(scope.merchants) + [f"domain={d}" for d in sorted(scope.domains)]
+    key_id = getattr(request, "key_id", "")
+    version = getattr(request, "version", 0)
+    if key_id:
+        parts = [f"{key_id}#{version}" if version else key_id]
+    return ",".join(parts)[:512]
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    def __init__(self, policy: Policy | None, audit: AuditTrail | None) -> None:
+        self._policy = policy
+        self._audit = audit
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        inner = handler.unary_unary
+
+        def guarded(request, context):
+            return self._call(method, inner, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _identity(self, context) -> str | None:
+        if self._policy is None:
+            return INSECURE_IDENTITY
+        certificates = context.auth_context().get("x509_pem_cert")
+        return identity_of(certificates[0]) if certificates else None
+
+    def _record(self, identity: str, method: str, target: str, outcome: str, request_id: str) -> None:
+        if self._audit is not None:
+            self._audit.record(identity=identity, operation=method, target=target, outcome=outcome,
+                               request_id=request_id)
+
+    def _refuse(self, context, error: errors.KeysvcError, identity: str, method: str, target: str,
+                request_id: str) -> None:
+        try:
+            self._record(identity, method, target, error.reason, request_id)
+        except errors.KeysvcError:
+            log.error("a refused call could not be recorded in the audit trail")
+        context.abort_with_status(rich_status(error))
+
+    def _call(self, method: str, inner, request, context):
+        request_id = secrets.token_hex(8)
+        scope = scope_of(request)
+        target = _target(scope, request)
+        identity = self._identity(context)
+        if identity is None:
+            self._refuse(context, errors.Unauthenticated("a client certificate from the keysvc CA is required"),
+                         "unauthenticated", method, target, request_id)
+        if self._policy is not None:
+            decision = self._policy.decide(identity, method, scope)
+            if not decision.allowed:
+                self._refuse(context, errors.PermissionDenied(decision.reason), identity, method, target, request_id)
+        if method not in AUDITED_METHODS:
+            return inner(request, context)
+        try:
+            self._record(identity, method, target, "STARTED", request_id)
+        except errors.KeysvcError as error:
+            context.abort_with_status(rich_status(error))
+        outcome = "INTERNAL"
+        try:
+            response = inner(request, context)
+            outcome = "OK"
+            return response
+        except BaseException:
+            code = context.code() if hasattr(context, "code") else None
+            outcome = code.name if isinstance(code, grpc.StatusCode) else "ERROR"
+            raise
+        finally:
+            try:
+                self._record(identity, method, target, outcome, request_id)
+            except errors.KeysvcError:
+                log.error("the outcome of %s could not be recorded in the audit trail", method)
