@@ -15,6 +15,7 @@ Events carry their fields as `extra`: request_id, rpc, duration_ms, status, peer
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -28,6 +29,10 @@ EVENT_FIELDS = ("request_id", "rpc", "status", "duration_ms", "peer")
 
 # Greedy from the leftmost digit, so a match is always a whole run: no lookarounds
 # needed (they doubled the cost of every log line).
+# The id of the call this thread is serving (set by the rpc layer's interceptor): every
+# record made during the call carries it, whichever logger made it.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("keysvc_request_id", default=None)
+
 _PAN_LIKE = re.compile(r"[0-9](?:[ -]?[0-9]){11,}")
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)(\b(?:[a-z0-9]+[_-])*(?:pin|secret|password|passwd)(?:[_-][a-z0-9]+)*\b[\"']?\s*[=:]\s*[\"']?)"
@@ -63,6 +68,8 @@ class RedactingFilter(logging.Filter):
             message = f"unformattable log message from {record.name}"
         record.msg = redact(message)
         record.args = None
+        if getattr(record, "request_id", None) is None:
+            record.request_id = current_request_id.get()
         return True
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+from concurrent import futures
 
 import grpc
 import pytest
 
 from keysvc.logs import configure_logging, handler_for, redact
+from keysvc.rpc.interceptors import ObservingInterceptor
 from keysvc.rpc.server import ServerOptions, create_server
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
 from tests.servers import start_keysvc_server, stop_keysvc_server
@@ -170,3 +172,35 @@ def test_access_events_for_all_calls_for_failed_calls_only_or_none(domain, merch
         access.removeHandler(handler)
         access.setLevel(logging.NOTSET)
     assert [json.loads(line)["status"] for line in stream.getvalue().splitlines()] == wanted
+
+
+def test_every_line_logged_during_a_call_carries_its_request_id():
+    """A real server whose one method logs: the line carries the call's request id,
+    which the caller also gets back; a line logged outside any call carries none."""
+    stream = io.StringIO()
+    log = logging.getLogger("keysvc.test_inside_a_call")
+    handler = handler_for("json", stream)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    def answer(request: bytes, context) -> bytes:
+        log.info("working on it")
+        return request
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[ObservingInterceptor()])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(answer)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            _, call = channel.unary_unary("/test.Echo/Say").with_call(b"hi", timeout=10)
+        log.info("outside")
+    finally:
+        server.stop(None)
+        log.removeHandler(handler)
+        log.propagate = True
+    inside, outside = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert inside["request_id"] == dict(call.trailing_metadata())["x-request-id"]
+    assert "request_id" not in outside

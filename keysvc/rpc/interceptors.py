@@ -19,6 +19,7 @@ import grpc
 
 from keysvc import metrics
 from keysvc.config import ACCESS_LOG_MODES
+from keysvc.logs import current_request_id
 
 access_log = logging.getLogger("keysvc.access")
 
@@ -76,6 +77,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         def observed(request, context):
             start = time.perf_counter()
             request_id = _request_id(context)
+            bound = current_request_id.set(request_id)  # for every log line and inner interceptor
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = inner(request, context)
@@ -91,6 +93,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 trailers = tuple(context.trailing_metadata() or ())
                 context.set_trailing_metadata(trailers + ((REQUEST_ID_HEADER, request_id),))
                 self._record(rpc, request, code, time.perf_counter() - start, request_id, context)
+                current_request_id.reset(bound)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
