@@ -12,7 +12,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import logging
 import os
 import sys
 
@@ -162,33 +161,64 @@ def describe_key(key: keys_pb2.Key) -> str:
 # -- serve ----------------------------------------------------------------------------------
 
 
-@main.command()
-@click.option("--listen", envvar="KEYSVC_LISTEN", default=config_module.DEFAULT_LISTEN, show_default=True)
-@click.option("--database", "database_url", envvar="KEYSVC_DATABASE_URL",
-              default=config_module.DEFAULT_DATABASE_URL, show_default=True,
-              help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
-@click.option("--hsm-module", envvar="KEYSVC_HSM_MODULE", default=config_module.Settings.hsm_module,
-              show_default=True, help="PKCS#11 module path.")
-@click.option("--token-label", envvar="KEYSVC_TOKEN_LABEL", default=config_module.DEFAULT_TOKEN_LABEL,
-              show_default=True)
-@click.option("--pin-file", envvar="KEYSVC_HSM_PIN_FILE", default=None,
-              help="File holding the HSM user PIN (or set KEYSVC_HSM_PIN).")
-@click.option("--workers", envvar="KEYSVC_WORKERS", default=1, show_default=True,
-              help="Processes serving on the one port.")
-@click.option("--reflection/--no-reflection", envvar="KEYSVC_REFLECTION", default=True, show_default=True)
-@click.option("--allow-detokenize/--no-allow-detokenize", envvar="KEYSVC_ALLOW_DETOKENIZE", default=False,
-              show_default=True, help="Let Detokenize return PANs (off: PERMISSION_DENIED).")
-def serve(listen, database_url, hsm_module, token_label, pin_file, workers, reflection, allow_detokenize) -> None:
-    """Run the keysvc gRPC server."""
-    from keysvc import service
+def _serve_overrides(ctx: click.Context, params: dict) -> dict:
+    """The serve options given on the command line, by Settings field (the file and
+    the environment are read by config.load_settings, under them)."""
+    from click.core import ParameterSource
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return {name: value for name, value in params.items()
+            if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+
+
+class _ConfigurationFailed(click.ClickException):
+    exit_code = EXIT_ERROR
+
+
+def _load_settings(config_file, overrides=None):
     try:
-        settings = config_module.validate(config_module.Settings(
-            listen=listen, database_url=database_url, hsm_module=hsm_module, token_label=token_label,
-            pin=config_module.read_pin(pin_file), workers=workers, reflection=reflection,
-            allow_detokenize=allow_detokenize,
-        ))
+        return config_module.load_settings(config_file, overrides=overrides)
+    except config_module.ConfigurationError as error:
+        raise _ConfigurationFailed(f"configuration: {error}") from None
+
+
+_config_option = click.option(
+    "--config", "config_file", default=None, type=click.Path(dir_okay=False),
+    help=f"TOML configuration file (or {config_module.CONFIG_ENV}); environment variables and options override it.")
+
+
+@main.command()
+@_config_option
+@click.option("--listen", default=None, help=f"HOST:PORT to serve on [default: {config_module.DEFAULT_LISTEN}].")
+@click.option("--database", "database_url", default=None,
+              help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB "
+                   f"[default: {config_module.DEFAULT_DATABASE_URL}].")
+@click.option("--hsm-module", default=None, help=f"PKCS#11 module path [default: {config_module.Settings.hsm_module}].")
+@click.option("--token-label", default=None, help=f"[default: {config_module.DEFAULT_TOKEN_LABEL}]")
+@click.option("--pin-file", default=None, help="File holding the HSM user PIN (or set KEYSVC_HSM_PIN).")
+@click.option("--workers", type=int, default=None, help="Processes serving on the one port [default: 1].")
+@click.option("--reflection/--no-reflection", default=None, help="gRPC server reflection [default: on].")
+@click.option("--metrics-listen", default=None,
+              help="HOST:PORT for Prometheus /metrics (worker N uses PORT+N) [default: off].")
+@click.option("--log-format", type=click.Choice(config_module.LOG_FORMATS), default=None,
+              help="[default: human]")
+@click.option("--log-level", type=click.Choice(config_module.LOG_LEVELS), default=None, help="[default: INFO]")
+@click.option("--log-access", type=click.Choice(config_module.ACCESS_LOG_MODES), default=None,
+              help="One log event per call: for every call, for calls not OK, or none [default: errors].")
+@click.option("--allow-detokenize/--no-allow-detokenize", default=None,
+              help="Let Detokenize return PANs (off: PERMISSION_DENIED) [default: off].")
+@click.pass_context
+def serve(ctx, config_file, **params) -> None:
+    """Run the keysvc gRPC server.
+
+    Each option can also be set in the --config file or by its environment variable
+    (KEYSVC_LISTEN, KEYSVC_DATABASE_URL, ... see `keysvc config check`).
+    """
+    from keysvc import service
+    from keysvc.logs import configure_logging
+
+    settings, _sources = _load_settings(config_file, _serve_overrides(ctx, params))
+    configure_logging(settings.log_format, settings.log_level)
+    try:
         service.serve(settings)
     except config_module.ConfigurationError as error:
         raise click.ClickException(str(error)) from None
@@ -199,6 +229,19 @@ def serve(listen, database_url, hsm_module, token_label, pin_file, workers, refl
         if isinstance(error, (HsmError, KeysvcError)):
             raise click.ClickException(str(error)) from None
         raise
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check the server's configuration."""
+
+
+@config_group.command("check")
+@_config_option
+def config_check(config_file) -> None:
+    """Validate the configuration (file, environment) and print it, secrets masked."""
+    settings, sources = _load_settings(config_file)
+    click.echo(config_module.describe(settings, sources))
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 import hsm
 from keysvc.errors import FailedPrecondition, IntegrityError, NotFound, Unavailable
+from keysvc.metrics import key_cache_total
 from keysvc.model import Charset, Key, KeyAlgorithm, KeyPlatform, KeyVersion
 from keysvc.store import KeyStore
 
@@ -224,7 +225,9 @@ class KeyRing:
             handle = self._handles.get(name)
             if handle is not None:
                 self._handles.move_to_end(name)
+                key_cache_total.labels("hit").inc()
                 return handle
+        key_cache_total.labels("miss").inc()
         if version.wrapped_key is None:
             raise FailedPrecondition(f"version {version.version} of key {key.key_id!r} is destroyed")
         self._check_binding(key, version)

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import hsm
 from keysvc.config import Settings
+from keysvc.health import HealthMonitor, database_check, hsm_check
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager
+from keysvc.metrics import MeasuredHsm, dependency_up
 from keysvc.seals import Sealer
 from keysvc.signing import Signer
 from keysvc.store import KeyStore
@@ -61,7 +63,7 @@ def prepare(settings: Settings) -> None:
 
 
 def open_services(settings: Settings) -> Services:
-    token = hsm.Hsm.connect(settings.hsm_config)
+    token = MeasuredHsm(hsm.Hsm.connect(settings.hsm_config))
     store = KeyStore.open(settings.database_url, run_migrations=False)
     ring = KeyRing(token, store)
     sealer = Sealer(
@@ -94,20 +96,49 @@ def _stop_event_on_signals() -> threading.Event:
     return stop
 
 
-def serve_here(settings: Settings, on_ready=None) -> None:
+def metrics_address(listen: str, worker_index: int) -> str:
+    """Worker `worker_index`'s metrics address: the port of `listen` plus the index
+    (port 0 stays 0: each worker picks its own)."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + worker_index if int(port) else 0}"
+
+
+def start_health_monitor(settings: Settings, services: Services, on_change) -> HealthMonitor:
+    """Probes the HSM and the database every settings.health_interval seconds;
+    on_change(serving, failing) hears each change of verdict."""
+    def changed(serving: bool, failing: tuple[str, ...]) -> None:
+        for name in ("hsm", "database"):
+            dependency_up.labels(name).set(0 if name in failing else 1)
+        on_change(serving, failing)
+
+    # The process's one connection (not measured: probes stay out of the HSM metrics).
+    checks = {"hsm": hsm_check(hsm.Hsm.connect(settings.hsm_config)), "database": database_check(services.store)}
+    return HealthMonitor(checks, changed, interval=settings.health_interval, timeout=settings.health_timeout)
+
+
+def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None:
     """Serves in this process until SIGTERM or SIGINT; calls on_ready(port) once listening."""
-    from keysvc.rpc.server import ServerOptions, create_server  # the gRPC layer stays at the edge
+    from keysvc.rpc.server import ServerOptions, create_server, set_serving  # the gRPC layer stays at the edge
 
     services = open_services(settings)
+    metrics_server = None
+    if settings.metrics_listen:
+        from keysvc.metrics import serve_metrics
+
+        metrics_server, _ = serve_metrics(metrics_address(settings.metrics_listen, worker_index))
+    monitor = start_health_monitor(
+        settings, services, lambda serving, _failing: set_serving(health_servicer, serving))
     options = ServerOptions(
         max_message_bytes=settings.max_message_bytes,
         reflection=settings.reflection,
         reuse_port=settings.workers > 1,
+        access_log=settings.log_access,
     )
     server, port, health_servicer = create_server(
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
-        tokenizer=services.tokenizer,
+        tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon,
     )
+    monitor.start()
     stop = _stop_event_on_signals()
     server.start()
     threading.Thread(
@@ -117,14 +148,19 @@ def serve_here(settings: Settings, on_ready=None) -> None:
     if on_ready is not None:
         on_ready(port)
     stop.wait()
+    monitor.stop()
     health_servicer.enter_graceful_shutdown()
     server.stop(SHUTDOWN_GRACE).wait()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     services.store.close()
 
 
-def _worker_main(settings: Settings, ready) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(process)d %(name)s: %(message)s")
-    serve_here(settings, on_ready=lambda port: ready.put(port))
+def _worker_main(settings: Settings, ready, worker_index: int = 0) -> None:
+    from keysvc.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    serve_here(settings, on_ready=lambda port: ready.put(port), worker_index=worker_index)
 
 
 def _reserve_port(listen: str) -> tuple[socket.socket, str]:
@@ -155,8 +191,8 @@ def serve(settings: Settings) -> None:
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
     stop = _stop_event_on_signals()
-    workers = [context.Process(target=_worker_main, args=(worker_settings, ready), daemon=True)
-               for _ in range(settings.workers)]
+    workers = [context.Process(target=_worker_main, args=(worker_settings, ready, index), daemon=True)
+               for index in range(settings.workers)]
     for worker in workers:
         worker.start()
     for _ in workers:
@@ -166,7 +202,8 @@ def serve(settings: Settings) -> None:
         for index, worker in enumerate(workers):
             if not worker.is_alive():
                 log.error("worker %d exited with code %s; starting another", worker.pid, worker.exitcode)
-                workers[index] = context.Process(target=_worker_main, args=(worker_settings, ready), daemon=True)
+                workers[index] = context.Process(
+                    target=_worker_main, args=(worker_settings, ready, index), daemon=True)
                 workers[index].start()
     for worker in workers:
         worker.terminate()  # SIGTERM: each worker drains its calls in flight

@@ -68,13 +68,15 @@ def _read_lines(stream, lines: "queue.Queue[str | None]") -> None:
 
 
 def start_keysvc_server(token, database_url: str, log_path: Path, *, workers: int = 1,
-                        ready_within: float = 90.0) -> KeysvcServer:
-    """Starts `keysvc serve` on 127.0.0.1:0 and returns once it announces its address."""
+                        ready_within: float = 90.0, extra_args: tuple[str, ...] = (),
+                        extra_env: dict[str, str] | None = None) -> KeysvcServer:
+    """Starts `keysvc serve` on 127.0.0.1:0 (with `extra_args`, and `extra_env` added to
+    the token's environment) and returns once it announces its address."""
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [KEYSVC, "serve", "--listen", "127.0.0.1:0", "--database", database_url,
-         "--token-label", TOKEN_LABEL, "--workers", str(workers)],
-        env=token.env, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
+         "--token-label", TOKEN_LABEL, "--workers", str(workers), *extra_args],
+        env={**token.env, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
         text=True, start_new_session=True,
     )
     log_file.close()

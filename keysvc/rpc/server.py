@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from keysvc.keys import KeyManager
+from keysvc.rpc.interceptors import ObservingInterceptor
 from keysvc.rpc.keys_servicer import KeyServicer
 from keysvc.rpc.seals_servicer import SealServicer
 from keysvc.rpc.tokens_servicer import TokenServicer
@@ -39,13 +42,16 @@ class ServerOptions:
     reflection: bool = True
     # Lets several worker processes listen on one port.
     reuse_port: bool = True
+    # Access log events: "all" calls, the calls not OK ("errors"), or "off" (see interceptors).
+    access_log: str = "errors"
 
 
-def new_grpc_server(options: ServerOptions) -> grpc.Server:
+def new_grpc_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
     """An empty gRPC server with keysvc's thread pool and limits (the benchmark's echo
     server is built with it too, so that both are the same kind of server)."""
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_threads, thread_name_prefix="keysvc-rpc"),
+        interceptors=tuple(interceptors),
         options=[
             ("grpc.max_receive_message_length", options.max_message_bytes),
             ("grpc.max_send_message_length", options.max_message_bytes),
@@ -64,12 +70,15 @@ def listen(server: grpc.Server, address: str) -> int:
 
 def create_server(
     address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions(),
-    *, signer: Signer, tokenizer: Tokenizer | None = None,
+    *, signer: Signer, tokenizer: Tokenizer | None = None, on_unavailable: Callable[[], None] | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to `address` ('host:0' picks a port), not yet started; it offers
     TokenService when given a tokenizer. Returns the server, the bound port and its
-    health servicer."""
-    server = new_grpc_server(options)
+    health servicer.
+
+    Every unary call is observed (request id, access log, metrics: see
+    rpc/interceptors.py); `on_unavailable` is called after a call ends UNAVAILABLE."""
+    server = new_grpc_server(options, [ObservingInterceptor(on_unavailable, access_log=options.access_log)])
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
     service_names = SERVICE_NAMES
@@ -85,4 +94,17 @@ def create_server(
         reflection.enable_server_reflection(
             (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+    _SERVED[health_servicer] = service_names
     return server, listen(server, address), health_servicer
+
+
+# The keysvc services each health servicer answers for (set_serving marks those).
+_SERVED: "weakref.WeakKeyDictionary[health.HealthServicer, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    """Marks the whole server and each keysvc service SERVING or NOT_SERVING (ignored
+    once the servicer is shutting down)."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *_SERVED.get(health_servicer, SERVICE_NAMES)):
+        health_servicer.set(name, status)

@@ -1,0 +1,121 @@
+"""The server interceptor that observes every unary call: a request id (the caller's
+`x-request-id` when it sends a plain one, else a new one; returned in the trailing
+metadata), one access log event, request metrics, and a health probe as soon as a
+call ends UNAVAILABLE.
+
+It reads nothing of the request but the RPC name and, for batch calls, the number
+of items: no key id, no message, no seal ever reaches a log line or a label.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import os
+import time
+from typing import Callable
+
+import grpc
+
+from keysvc import metrics
+from keysvc.config import ACCESS_LOG_MODES
+from keysvc.logs import current_request_id
+
+access_log = logging.getLogger("keysvc.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+# A caller's request id is kept when it is short and plain, else replaced.
+_CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Generated ids are letters only, so that log redaction (digit runs, hex runs) never
+# mistakes one for a PAN or a key.
+_ID_LENGTH = 22  # about 103 bits
+# Fields holding a batch's items, whose count is recorded.
+_BATCH_FIELDS = ("requests", "items")
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _CALLER_REQUEST_ID.fullmatch(value):
+            return value
+    return bytes(97 + byte % 26 for byte in os.urandom(_ID_LENGTH)).decode()
+
+
+def _batch_size(request) -> int | None:
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return None
+    for name in _BATCH_FIELDS:
+        field = descriptor.fields_by_name.get(name)
+        if field is not None and field.is_repeated:
+            return len(getattr(request, name))
+    return None
+
+
+class ObservingInterceptor(grpc.ServerInterceptor):
+    """Observes unary-unary calls; streaming ones (health Watch, reflection) pass through.
+
+    `on_unavailable` is called (cheaply: it should only wake a prober) after a call
+    ends with UNAVAILABLE. `access_log` says which calls get an access event: "all",
+    "errors" (every status but OK: the default, since an event costs a unary call
+    ~20 % of its throughput, measured with make bench) or "off".
+    """
+
+    def __init__(self, on_unavailable: Callable[[], None] | None = None, *, access_log: str = "errors") -> None:
+        if access_log not in ACCESS_LOG_MODES:
+            raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}")
+        self._on_unavailable = on_unavailable
+        self._log_ok = access_log == "all"
+        self._log_failed = access_log != "off"
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        rpc = handler_call_details.method.lstrip("/")
+        inner = handler.unary_unary
+
+        def observed(request, context):
+            start = time.perf_counter()
+            request_id = _request_id(context)
+            bound = current_request_id.set(request_id)  # for every log line and inner interceptor
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = inner(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                try:
+                    # In the trailers, which leave with the status anyway (initial metadata
+                    # of its own cost ~35 µs of CPU a call); after an abort too, since the
+                    # status goes out after this returns.
+                    trailers = tuple(context.trailing_metadata() or ())
+                    context.set_trailing_metadata(trailers + ((REQUEST_ID_HEADER, request_id),))
+                    self._record(rpc, request, code, time.perf_counter() - start, request_id, context)
+                finally:
+                    current_request_id.reset(bound)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _record(self, rpc, request, code, seconds, request_id, context) -> None:
+        status = code.name
+        metrics.requests_total.labels(rpc, status).inc()
+        metrics.request_seconds.labels(rpc).observe(seconds)
+        size = _batch_size(request)
+        if size is not None:
+            metrics.batch_items.labels(rpc).observe(size)
+        if code is grpc.StatusCode.UNAVAILABLE and self._on_unavailable is not None:
+            self._on_unavailable()
+        wanted = self._log_ok if code is grpc.StatusCode.OK else self._log_failed
+        if wanted and access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s", rpc, status,
+                extra={"request_id": request_id, "rpc": rpc, "status": status,
+                       "duration_ms": round(seconds * 1000, 3), "peer": context.peer()},
+            )

@@ -1,0 +1,154 @@
+"""Prometheus metrics: scraped over HTTP after real calls through a real server on a
+real SoftHSM token; they count what happened and never show a key id, a merchant
+id, a message or a seal."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from keysvc.metrics import MeasuredHsm, serve_metrics
+from keysvc.rpc.server import ServerOptions, create_server
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+from tests.conftest import _free_port, make_domain
+from tests.servers import KEYSVC, Client, close_clients, start_keysvc_server, stop_keysvc_server
+
+SEAL = "keysvc.v1.SealService/Seal"
+BATCH_SEAL = "keysvc.v1.SealService/BatchSeal"
+GET_KEY = "keysvc.v1.KeyService/GetKey"
+
+
+def scrape(port: int) -> tuple[str, dict[tuple[str, tuple], float]]:
+    """The endpoint's text and its samples by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return text, samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def measured_server(hsm_token, sqlite_url):
+    domain = make_domain(MeasuredHsm(hsm_token), sqlite_url)
+    grpc_server, port, _health = create_server(
+        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False), signer=domain.signer)
+    grpc_server.start()
+    metrics_server, metrics_port = serve_metrics("127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield domain, channel, metrics_port
+    channel.close()
+    metrics_server.shutdown()
+    grpc_server.stop(None)
+    domain.store.close()
+
+
+def test_metrics_count_calls_codes_latency_batches_hsm_calls_and_cache_lookups(measured_server, merchant):
+    domain, channel, metrics_port = measured_server
+    keys = keys_pb2_grpc.KeyServiceStub(channel)
+    seals = seals_pb2_grpc.SealServiceStub(channel)
+    _, before = scrape(metrics_port)
+
+    key_id = keys.CreateKey(keys_pb2.CreateKeyRequest(
+        merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=10).key.key_id
+    message = b"amount=4111111111111111|secret message"
+    seal_values = [seals.Seal(seals_pb2.SealRequest(key_id=key_id, message=message), timeout=10).seal
+                   for _ in range(3)]
+    seals.BatchSeal(seals_pb2.BatchSealRequest(
+        requests=[seals_pb2.SealRequest(key_id=key_id, message=b"m%d" % i) for i in range(5)]), timeout=10)
+    with pytest.raises(grpc.RpcError) as raised:
+        keys.GetKey(keys_pb2.GetKeyRequest(key_id=f"{merchant}/missing"), timeout=10)
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(Exception):
+        domain.hsm.load_secret(b"not a wrapped key at all")  # a real HSM call that fails
+
+    text, after = scrape(metrics_port)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("keysvc_requests_total", rpc=SEAL, code="OK") == 3
+    assert delta("keysvc_requests_total", rpc=BATCH_SEAL, code="OK") == 1
+    assert delta("keysvc_requests_total", rpc=GET_KEY, code="NOT_FOUND") == 1
+    assert delta("keysvc_request_duration_seconds_count", rpc=SEAL) == 3
+    assert delta("keysvc_request_duration_seconds_sum", rpc=SEAL) > 0
+    assert delta("keysvc_batch_items_count", rpc=BATCH_SEAL) == 1
+    assert delta("keysvc_batch_items_sum", rpc=BATCH_SEAL) == 5
+    # The first use of the version loads it (a miss), the next ones find it (hits).
+    assert delta("keysvc_key_cache_lookups_total", result="miss") >= 1
+    assert delta("keysvc_key_cache_lookups_total", result="hit") >= 3
+    assert delta("keysvc_hsm_call_duration_seconds_count", operation="hmac_many") >= 4
+    assert delta("keysvc_hsm_call_duration_seconds_count", operation="generate_wrapped_secret") == 1
+    assert delta("keysvc_hsm_errors_total", operation="load_secret", error="HsmUnwrapFailed") == 1
+    assert "process_resident_memory_bytes" in text
+
+    # Nothing the caller sent or got back.
+    for secret in (merchant, key_id, "4111111111111111", "secret message", *seal_values):
+        assert secret not in text
+
+
+def test_serve_metrics_listen_serves_the_endpoint_with_the_dependencies_up(token, tmp_path, merchant):
+    metrics_port = _free_port()
+    server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log",
+                                 extra_args=("--metrics-listen", f"127.0.0.1:{metrics_port}"))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            keys = keys_pb2_grpc.KeyServiceStub(channel)
+            keys.CreateKey(keys_pb2.CreateKeyRequest(
+                merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=10)
+        _, samples = scrape(metrics_port)
+    finally:
+        stop_keysvc_server(server)
+    assert value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/CreateKey", code="OK") == 1
+    assert value(samples, "keysvc_dependency_up", dependency="hsm") == 1
+    assert value(samples, "keysvc_dependency_up", dependency="database") == 1
+    assert value(samples, "keysvc_hsm_call_duration_seconds_count", operation="generate_wrapped_secret") == 1
+
+
+def test_each_worker_serves_its_metrics_on_the_port_plus_its_index(token, tmp_path, merchant):
+    base = _free_port()
+    while True:  # base + 1 must be free too
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", base + 1))
+            break
+        except OSError:
+            base = _free_port()
+    server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log", workers=2,
+                                 extra_args=("--metrics-listen", f"127.0.0.1:{base}"))
+    try:
+        clients = [Client(server.address) for _ in range(6)]  # one ListKeys each, on its own connection
+        close_clients(clients)
+        listed = 0
+        for port in (base, base + 1):
+            _, samples = scrape(port)
+            assert value(samples, "keysvc_dependency_up", dependency="hsm") == 1
+            listed += value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/ListKeys", code="OK")
+        assert listed == 6  # each call counted once, by the worker that served it
+    finally:
+        stop_keysvc_server(server)
+
+
+def test_a_metrics_port_in_use_stops_serve_with_a_message_naming_the_setting(token, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [KEYSVC, "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite:///{tmp_path / 'k.db'}",
+             "--metrics-listen", f"127.0.0.1:{port}"],
+            env=token.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
