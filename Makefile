@@ -9,11 +9,13 @@ LISTEN ?= 127.0.0.1:50051
 WORKERS ?= 1
 export SOFTHSM2_CONF := $(DATA)/softhsm2.conf
 
-.PHONY: run test bench deps venv proto proto-check token clean
+.PHONY: run test bench deps venv proto proto-check token pki clean
 
-run: venv proto token
+run: venv proto token pki
 	KEYSVC_HSM_PIN_FILE=$(DATA)/pin $(VENV)/bin/keysvc serve --listen $(LISTEN) --workers $(WORKERS) \
-	  --database sqlite:///$(DATA)/keysvc.db --token-label $(TOKEN_LABEL)
+	  --database sqlite:///$(DATA)/keysvc.db --token-label $(TOKEN_LABEL) \
+	  --tls-cert $(DATA)/pki/server.crt --tls-key $(DATA)/pki/server.key --tls-client-ca $(DATA)/pki/ca.crt \
+	  --policy $(DATA)/pki/policy.toml
 
 test: venv proto-check
 	$(VENV)/bin/python -m pytest
@@ -50,6 +52,10 @@ proto-check: venv
 
 token: venv
 	hsm/softhsm/setup-token.sh $(DATA) $(TOKEN_LABEL)
+
+# A development CA, server and per-role client certificates and a policy, once.
+pki: venv
+	$(VENV)/bin/keysvc dev-pki $(DATA)/pki
 
 clean:
 	rm -rf $(VENV) .deps-installed .pytest_cache

@@ -810,7 +810,8 @@ def main() -> None:
         keysvc_bin = python_bin.parent / "keysvc"
         keysvc_command = [str(keysvc_bin)] if keysvc_bin.exists() else [str(python_bin), "-m", "keysvc.cli"]
         keysvc = Server.start("keysvc", keysvc_command + [
-            "serve", "--listen", "127.0.0.1:0", "--database", args.database or f"sqlite:///{tmp}/k.db",
+            "serve", "--insecure-loopback", "--listen", "127.0.0.1:0",
+            "--database", args.database or f"sqlite:///{tmp}/k.db",
             "--token-label", TOKEN_LABEL, "--workers", str(args.workers), "--allow-detokenize",
         ], env, tmp / "keysvc.log")
         servers.append(keysvc)

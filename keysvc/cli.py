@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 import grpc
@@ -22,8 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from google.protobuf.json_format import MessageToDict
 
 from keysvc import config as config_module
+from keysvc.authz import ROLES
 from keysvc.seal_formats import decode_monetico_key
 from keysvc.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
     seals_pb2,
@@ -85,14 +89,20 @@ EXIT_ERROR = 2
 
 
 class Client:
-    """The stubs over one channel, with the call timeout."""
+    """The stubs over one channel (mutual TLS with `tls` = (CA, certificate, key) PEM bytes,
+    else plain text), with the call timeout."""
 
-    def __init__(self, server: str, timeout: float) -> None:
-        self.channel = grpc.insecure_channel(server)
+    def __init__(self, server: str, timeout: float, tls: tuple[bytes, bytes, bytes] | None = None) -> None:
+        if tls is None:
+            self.channel = grpc.insecure_channel(server)
+        else:
+            ca, certificate, key = tls
+            self.channel = grpc.secure_channel(server, grpc.ssl_channel_credentials(ca, key, certificate))
         self.keys = keys_pb2_grpc.KeyServiceStub(self.channel)
         self.seals = seals_pb2_grpc.SealServiceStub(self.channel)
         self.signing = signing_pb2_grpc.SigningServiceStub(self.channel)
         self.tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
+        self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
         self.timeout = timeout
 
 
@@ -101,15 +111,53 @@ class Client:
               help="Address of the keysvc server (env KEYSVC_SERVER).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--timeout", default=10.0, show_default=True, help="Deadline of each call, in seconds.")
+@click.option("--pki", envvar="KEYSVC_PKI_DIR", default="data/pki", show_default=True,
+              help="Folder with ca.crt and client-<role>.crt/.key (as `keysvc dev-pki` makes; env KEYSVC_PKI_DIR).")
+@click.option("--as", "role", type=click.Choice(ROLES), default=None,
+              help="Call with this role's certificate (default: the role the command needs).")
+@click.option("--insecure", is_flag=True, envvar="KEYSVC_INSECURE",
+              help="Plain text, no certificate: for a server run with --insecure-loopback.")
 @click.pass_context
-def main(ctx: click.Context, server: str, as_json: bool, timeout: float) -> None:
-    """keysvc: merchant keys and message seals in an HSM, behind gRPC."""
-    ctx.obj = {"server": server, "json": as_json, "timeout": timeout}
+def main(ctx: click.Context, server: str, as_json: bool, timeout: float, pki: str, role: str | None,
+         insecure: bool) -> None:
+    """keysvc: merchant keys, message seals, signatures and tokens in an HSM, behind gRPC."""
+    ctx.obj = {"server": server, "json": as_json, "timeout": timeout, "pki": pki, "role": role, "insecure": insecure}
+
+
+# The role each command needs, by command path prefix (longest first); else key-admin.
+COMMAND_ROLES = (
+    ("keys public-key", "signer"), ("keys csr", "signer"), ("seal", "gateway"), ("sign", "signer"),
+    ("verify-signature", "signer"), ("tokens tokenize", "gateway"), ("tokens info", "gateway"),
+    ("tokens detokenize", "detokenizer"), ("audit", "auditor"),
+)
+
+
+def _role_for(command_path: str) -> str:
+    path = " ".join(command_path.split()[1:])  # without the program's name
+    for prefix, role in COMMAND_ROLES:
+        if path == prefix or path.startswith(prefix + " "):
+            return role
+    return "key-admin"
+
+
+def _tls(ctx: click.Context) -> tuple[bytes, bytes, bytes] | None:
+    if ctx.obj["insecure"]:
+        return None
+    directory = Path(ctx.obj["pki"])
+    role = ctx.obj["role"] or _role_for(click.get_current_context().command_path)
+    paths = (directory / "ca.crt", directory / f"client-{role}.crt", directory / f"client-{role}.key")
+    try:
+        return tuple(path.read_bytes() for path in paths)
+    except OSError:
+        raise click.UsageError(
+            f"no {role} certificate in {directory} (make run creates them; --pki DIR, or --insecure for a server "
+            "run with --insecure-loopback)"
+        ) from None
 
 
 def _client(ctx: click.Context) -> Client:
     if "client" not in ctx.obj:
-        ctx.obj["client"] = Client(ctx.obj["server"], ctx.obj["timeout"])
+        ctx.obj["client"] = Client(ctx.obj["server"], ctx.obj["timeout"], _tls(ctx))
     return ctx.obj["client"]
 
 
@@ -205,7 +253,15 @@ _config_option = click.option(
 @click.option("--log-access", type=click.Choice(config_module.ACCESS_LOG_MODES), default=None,
               help="One log event per call: for every call, for calls not OK, or none [default: errors].")
 @click.option("--allow-detokenize/--no-allow-detokenize", default=None,
-              help="Let Detokenize return PANs (off: PERMISSION_DENIED) [default: off].")
+              help="In --insecure-loopback mode, let Detokenize return PANs (with TLS the detokenizer role "
+                   "decides) [default: off].")
+@click.option("--tls-cert", default=None, help="The server's certificate (PEM).")
+@click.option("--tls-key", default=None, help="The server's private key (PEM).")
+@click.option("--tls-client-ca", default=None, help="CA certificate(s) that client certificates must chain to.")
+@click.option("--policy", default=None, help="The role policy (TOML): which identity may call what.")
+@click.option("--insecure-loopback", is_flag=True, default=None,
+              help="Development only: plain text, no client certificates, every caller may do everything; "
+                   "refused on any non-loopback address.")
 @click.pass_context
 def serve(ctx, config_file, **params) -> None:
     """Run the keysvc gRPC server.
@@ -229,6 +285,19 @@ def serve(ctx, config_file, **params) -> None:
         if isinstance(error, (HsmError, KeysvcError)):
             raise click.ClickException(str(error)) from None
         raise
+
+
+@main.command("dev-pki")
+@click.argument("directory", type=click.Path(file_okay=False), default="data/pki")
+def dev_pki(directory) -> None:
+    """Make a development CA, a server certificate for localhost, a client certificate per
+    role and a policy granting each its role, in DIRECTORY (once; keys mode 0600)."""
+    from pathlib import Path
+
+    from keysvc.pki import make_dev_pki
+
+    if make_dev_pki(Path(directory)):
+        click.echo(f"created a development CA, certificates and policy in {directory}")
 
 
 @main.group("config")
@@ -839,6 +908,47 @@ def tokens_shred(ctx, domain, yes) -> None:
         click.confirm(f"Shred token domain {domain}? Its PANs become unrecoverable", abort=True)
     response = _call(ctx, _client(ctx).tokens.ShredTokenDomain, tokens_pb2.ShredTokenDomainRequest(domain=domain))
     _print(ctx, response, f"shredded {domain}: {response.tokens_destroyed} token(s) destroyed")
+
+
+# -- audit ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """Read and check the audit trail (role auditor)."""
+
+
+@audit.command("list")
+@click.option("--after", type=click.IntRange(0), default=0, help="Records after this sequence number.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--identity", default="", help="Only this caller identity.")
+@click.option("--operation", default="", help="Only this method, e.g. /keysvc.v1.KeyService/DestroyKeyVersion.")
+@click.pass_context
+def audit_list(ctx, after, limit, identity, operation) -> None:
+    """List audit records in sequence order."""
+    response = _call(ctx, _client(ctx).audit.ListAuditRecords, audit_pb2.ListAuditRecordsRequest(
+        after_seq=after, limit=limit, identity=identity, operation=operation))
+    human = "\n".join(f"{r.seq:>6}  {r.recorded_at}  {r.identity}  {r.operation}  {r.target}  {r.outcome}"
+                      for r in response.records) or "no records"
+    _print(ctx, response, human)
+
+
+@audit.command("verify")
+@click.option("--expect-at-least", type=click.IntRange(0), default=0,
+              help="Records counted at an earlier check: fewer now means the newest were removed.")
+@click.pass_context
+def audit_verify(ctx, expect_at_least) -> None:
+    """Check the hash chain and the signed checkpoints; exit 0 when intact, 1 naming the first bad record."""
+    response = _call(ctx, _client(ctx).audit.VerifyAuditTrail, audit_pb2.VerifyAuditTrailRequest(
+        expect_at_least=expect_at_least))
+    if response.intact:
+        human = (f"intact: {response.records} records, {response.checkpoints} signed checkpoints "
+                 f"(checkpoint key {response.public_key})")
+    else:
+        human = f"TAMPERED at record {response.first_bad_seq}: {response.problem}"
+    _print(ctx, response, human)
+    if not response.intact:
+        ctx.exit(EXIT_INVALID_SEAL)
 
 
 if __name__ == "__main__":

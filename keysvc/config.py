@@ -13,6 +13,7 @@ file or code; it is shown masked.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import stat
@@ -64,6 +65,13 @@ class Settings:
     health_timeout: float = 5.0
     # Where the PIN was read from ('' when from KEYSVC_HSM_PIN).
     pin_file: str = ""
+    # Mutual TLS and the role policy; all four are needed unless insecure_loopback,
+    # the development mode in plain text, allowed on a loopback address only.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    policy: str = ""
+    insecure_loopback: bool = False
 
     @property
     def hsm_config(self) -> hsm.HsmConfig:
@@ -103,6 +111,11 @@ SETTINGS = (
     Setting("health.timeout", "health_timeout", "KEYSVC_HEALTH_TIMEOUT", float),
     Setting("tokens.allow_detokenize", "allow_detokenize", "KEYSVC_ALLOW_DETOKENIZE", bool),
     Setting("tokens.purge_interval", "token_purge_interval", "KEYSVC_TOKEN_PURGE_INTERVAL", float),
+    Setting("tls.cert", "tls_cert", "KEYSVC_TLS_CERT", str),
+    Setting("tls.key", "tls_key", "KEYSVC_TLS_KEY", str),
+    Setting("tls.client_ca", "tls_client_ca", "KEYSVC_TLS_CLIENT_CA", str),
+    Setting("auth.policy", "policy", "KEYSVC_POLICY", str),
+    Setting("insecure_loopback", "insecure_loopback", "KEYSVC_INSECURE_LOOPBACK", bool),
 )
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -180,7 +193,29 @@ def _problems(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("health_timeout", "must be more than 0 seconds"))
     if not settings.token_purge_interval > 0:
         problems.append(("token_purge_interval", "must be more than 0 seconds"))
+    if settings.insecure_loopback:
+        if not _is_loopback(settings.listen.rpartition(":")[0]):
+            problems.append(("insecure_loopback", "serves in plain text, without roles: only on a loopback address "
+                                                  "such as 127.0.0.1"))
+    else:
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "policy"):
+            path = getattr(settings, name)
+            if not path:
+                problems.append((name, "is required (mutual TLS and roles), unless --insecure-loopback for local "
+                                       "development; `keysvc dev-pki DIR` makes development ones"))
+            elif not Path(path).is_file():
+                problems.append((name, f"{path} is not a readable file"))
     return problems
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> Settings:
@@ -326,7 +361,8 @@ def describe(settings: Settings, sources: Mapping[str, str]) -> str:
     """The effective configuration as TOML, each value's origin in a comment, secrets masked."""
     lines = ["# effective keysvc configuration (secrets masked)"]
     table = ""
-    for setting in SETTINGS:
+    # Top-level settings first: in TOML they cannot follow a [table].
+    for setting in sorted(SETTINGS, key=lambda setting: "." in setting.name):
         section, _, key = setting.name.rpartition(".")
         if section != table:
             lines.append(f"\n[{section}]")

@@ -78,9 +78,14 @@ def issue_client_certificate(directory: Path, name: str, identity: str, *,
     """A client certificate (and key) for `identity`, issued by the directory's CA."""
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
     ca_certificate = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    return _issue_client_certificate(directory, name, identity, ca_key, ca_certificate.subject, validity)
+
+
+def _issue_client_certificate(directory: Path, name: str, identity: str, ca_key, ca_name: x509.Name,
+                              validity: datetime.timedelta = _VALIDITY) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = _certificate(name, key.public_key(), ca_certificate.subject, ca_key, ca=False,
+    certificate = _certificate(name, key.public_key(), ca_name, ca_key, ca=False,
                                names=[x509.UniformResourceIdentifier(identity)],
                                usage=[ExtendedKeyUsageOID.CLIENT_AUTH], now=now, validity=validity)
     key_path, certificate_path = directory / f"{name}.key", directory / f"{name}.crt"
@@ -114,7 +119,7 @@ def make_dev_pki(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.
     (directory / "server.crt").write_bytes(server.public_bytes(serialization.Encoding.PEM))
     grants = []
     for role in ROLES:
-        issue_client_certificate(directory, f"client-{role}", dev_identity(role))
+        _issue_client_certificate(directory, f"client-{role}", dev_identity(role), ca_key, ca_name)
         grants.append(f'[[grant]]\nidentity = "{dev_identity(role)}"\nroles = ["{role}"]\n')
     (directory / "policy.toml").write_text(
         "# Who may call what: one [[grant]] per identity (its certificate's SAN URI, else CN).\n"

@@ -23,7 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hsm
-from keysvc.config import Settings
+from keysvc.audit import AuditTrail
+from keysvc.authz import Policy, PolicyError
+from keysvc.config import ConfigurationError, Settings
 from keysvc.health import HealthMonitor, database_check, hsm_check
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager
@@ -31,6 +33,7 @@ from keysvc.metrics import MeasuredHsm, dependency_up
 from keysvc.seals import Sealer
 from keysvc.signing import Signer
 from keysvc.store import KeyStore
+from keysvc.store.audit import AuditStore
 from keysvc.store.tokens import TokenStore
 from keysvc.tokens import Tokenizer
 
@@ -47,6 +50,7 @@ class Services:
     sealer: Sealer
     signer: Signer
     tokenizer: Tokenizer | None = None
+    audit_trail: AuditTrail | None = None
 
 
 def prepare(settings: Settings) -> None:
@@ -69,11 +73,30 @@ def open_services(settings: Settings) -> Services:
     sealer = Sealer(
         ring, max_message_bytes=settings.max_seal_message_bytes, max_batch_items=settings.max_batch_items
     )
+    # With mutual TLS the detokenizer role decides who may see PANs; in the plain-text
+    # development mode nobody may unless the server setting says so.
     tokenizer = Tokenizer(
-        token, TokenStore(store.engine), detokenize_allowed=settings.allow_detokenize,
+        token, TokenStore(store.engine),
+        detokenize_allowed=settings.allow_detokenize or not settings.insecure_loopback,
         max_batch_items=settings.max_batch_items,
     )
-    return Services(store, KeyManager(token, store, ring), sealer, Signer(ring), tokenizer)
+    audit_trail = AuditTrail(token, AuditStore(store.engine))
+    return Services(store, KeyManager(token, store, ring), sealer, Signer(ring), tokenizer, audit_trail)
+
+
+def security_of(settings: Settings):
+    """The server's mutual TLS and role policy; None in the insecure-loopback mode."""
+    from keysvc.rpc.server import Security, server_credentials  # the gRPC layer stays at the edge
+
+    if settings.insecure_loopback:
+        return None
+    try:
+        policy = Policy.load(Path(settings.policy))
+    except PolicyError as error:
+        raise ConfigurationError(f"auth.policy: {error}") from None
+    return Security(
+        server_credentials(Path(settings.tls_cert), Path(settings.tls_key), Path(settings.tls_client_ca)), policy
+    )
 
 
 def _purge_expired_tokens(tokenizer: Tokenizer, interval: float, stop: threading.Event) -> None:
@@ -136,7 +159,8 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     )
     server, port, health_servicer = create_server(
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
-        tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon,
+        tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon, audit_trail=services.audit_trail,
+        security=security_of(settings),
     )
     monitor.start()
     stop = _stop_event_on_signals()

@@ -71,11 +71,13 @@ def start_keysvc_server(token, database_url: str, log_path: Path, *, workers: in
                         ready_within: float = 90.0, extra_args: tuple[str, ...] = (),
                         extra_env: dict[str, str] | None = None) -> KeysvcServer:
     """Starts `keysvc serve` on 127.0.0.1:0 (with `extra_args`, and `extra_env` added to
-    the token's environment) and returns once it announces its address."""
+    the token's environment) and returns once it announces its address. It serves in
+    plain text (--insecure-loopback) unless `extra_args` give TLS files."""
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [KEYSVC, "serve", "--listen", "127.0.0.1:0", "--database", database_url,
-         "--token-label", TOKEN_LABEL, "--workers", str(workers), *extra_args],
+         "--token-label", TOKEN_LABEL, "--workers", str(workers),
+         *(extra_args if "--tls-cert" in extra_args else ("--insecure-loopback", *extra_args))],
         env={**token.env, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
         text=True, start_new_session=True,
     )

@@ -78,7 +78,7 @@ def api(cli_server):
 
 def keysvc(server: KeysvcServer, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [KEYSVC, "--server", server.address, *args],
+        [KEYSVC, "--server", server.address, "--insecure", *args],
         input=stdin, capture_output=True, text=True, timeout=CLI_TIMEOUT,
         env={k: v for k, v in os.environ.items() if not k.startswith("KEYSVC_")},
     )

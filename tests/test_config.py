@@ -19,6 +19,7 @@ FULL_FILE = """
 listen = "127.0.0.1:6000"
 workers = 2
 reflection = false
+insecure_loopback = true
 
 [database]
 url = "postgresql://keysvc:db-Passw0rd@db.example:5432/keysvc"
@@ -75,6 +76,7 @@ def test_every_setting_is_read_from_the_file(tmp_path, pin_file):
         max_message_bytes=1048576, max_seal_message_bytes=8192, max_batch_items=100,
         metrics_listen="127.0.0.1:9464", log_format="json", log_level="WARNING", log_access="all",
         health_interval=0.5, health_timeout=2.0, allow_detokenize=True, token_purge_interval=30.0,
+        insecure_loopback=True,
     )
     assert sources["workers"] == path and sources["pin"] == "the file named by hsm.pin_file"
 
@@ -93,7 +95,7 @@ def test_environment_overrides_the_file_and_options_override_both(tmp_path, pin_
 
 def test_the_config_file_can_be_named_by_keysvc_config(tmp_path, pin_file):
     path = write(tmp_path, f'workers = 4\n[hsm]\npin_file = "{pin_file}"\n')
-    settings, _ = config.load_settings(None, environ={"KEYSVC_CONFIG": path})
+    settings, _ = config.load_settings(None, environ={"KEYSVC_CONFIG": path, "KEYSVC_INSECURE_LOOPBACK": "1"})
     assert settings.workers == 4
 
 
@@ -119,6 +121,20 @@ def test_a_wrong_file_setting_is_named(tmp_path, text, message):
         config.load_settings(path, environ={"KEYSVC_HSM_PIN": "123456"})
     assert message in str(raised.value)
     assert "123456" not in str(raised.value)
+
+
+def test_mutual_tls_is_required_unless_insecure_loopback_which_only_loopback_allows(tmp_path, pin_file):
+    environ = {"KEYSVC_HSM_PIN_FILE": str(pin_file)}
+    with pytest.raises(config.ConfigurationError, match=r"tls.cert: is required .* --insecure-loopback"):
+        config.load_settings(None, environ=environ)
+    with pytest.raises(config.ConfigurationError, match="insecure_loopback: .* only on a loopback address"):
+        config.load_settings(None, environ={**environ, "KEYSVC_INSECURE_LOOPBACK": "1", "KEYSVC_LISTEN": "0.0.0.0:1"})
+    with pytest.raises(config.ConfigurationError, match="tls.key: .* is not a readable file"):
+        config.load_settings(None, environ={**environ, "KEYSVC_TLS_CERT": str(pin_file),
+                                            "KEYSVC_TLS_KEY": str(tmp_path / "missing")})
+    settings, _ = config.load_settings(None, environ={**environ, "KEYSVC_INSECURE_LOOPBACK": "yes",
+                                                      "KEYSVC_LISTEN": "[::1]:50051"})
+    assert settings.insecure_loopback
 
 
 def test_a_wrong_environment_setting_is_named():

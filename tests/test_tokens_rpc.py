@@ -285,7 +285,7 @@ def test_cli_tokens(token, tmp_path, merchant, monkeypatch):
     monkeypatch.setenv("KEYSVC_ALLOW_DETOKENIZE", "1")  # token.env passes it to `keysvc serve`
     env_server = start_keysvc_server(token, database_url, tmp_path / "server.log")
     try:
-        env = {**token.env, "KEYSVC_SERVER": env_server.address}
+        env = {**token.env, "KEYSVC_SERVER": env_server.address, "KEYSVC_INSECURE": "1"}
         pans = [random_pan(), random_pan(16, "51")]
 
         def cli(*args, stdin: str = "") -> subprocess.CompletedProcess:

@@ -12,13 +12,13 @@ every call is allowed and recorded as made by "insecure-loopback".
 from __future__ import annotations
 
 import logging
-import secrets
 
 import grpc
 
 from keysvc import errors
 from keysvc.audit import AuditTrail
 from keysvc.authz import AUDITED_METHODS, Policy, Scope
+from keysvc.logs import current_request_id
 from keysvc.pki import identity_of
 from keysvc.rpc.errors import rich_status
 
@@ -36,7 +36,7 @@ def scope_of(request) -> Scope:
     def walk(message) -> None:
         for descriptor, value in message.ListFields():
             if descriptor.message_type is not None:
-                for item in value if descriptor.label == descriptor.LABEL_REPEATED else [value]:
+                for item in value if descriptor.is_repeated else [value]:
                     walk(item)
             elif descriptor.name == "key_id":
                 merchants.add(value.partition("/")[0])
@@ -98,7 +98,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         context.abort_with_status(rich_status(error))
 
     def _call(self, method: str, inner, request, context):
-        request_id = secrets.token_hex(8)
+        request_id = current_request_id.get() or ""  # the one the access log and metrics use
         scope = scope_of(request)
         target = _target(scope, request)
         identity = self._identity(context)

@@ -5,23 +5,38 @@ from __future__ import annotations
 import weakref
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from keysvc.audit import AuditTrail
+from keysvc.authz import Policy
 from keysvc.keys import KeyManager
+from keysvc.rpc.audit_servicer import AuditServicer
+from keysvc.rpc.auth import AuthInterceptor
 from keysvc.rpc.interceptors import ObservingInterceptor
 from keysvc.rpc.keys_servicer import KeyServicer
 from keysvc.rpc.seals_servicer import SealServicer
-from keysvc.rpc.tokens_servicer import TokenServicer
-from keysvc.tokens import Tokenizer
 from keysvc.rpc.signing_servicer import SigningServicer
+from keysvc.rpc.tokens_servicer import TokenServicer
 from keysvc.seals import Sealer
 from keysvc.signing import Signer
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc
-from keysvc.v1 import tokens_pb2, tokens_pb2_grpc
+from keysvc.tokens import Tokenizer
+from keysvc.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    seals_pb2,
+    seals_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+    tokens_pb2,
+    tokens_pb2_grpc,
+)
 
 SERVICE_NAMES = (
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
@@ -29,6 +44,7 @@ SERVICE_NAMES = (
     signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
 )
 TOKEN_SERVICE_NAME = tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+AUDIT_SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 
 
 @dataclass(frozen=True)
@@ -60,25 +76,48 @@ def new_grpc_server(options: ServerOptions, interceptors: Sequence[grpc.ServerIn
     )
 
 
-def listen(server: grpc.Server, address: str) -> int:
-    """Binds `address` ('host:0' picks a port) and returns the port. Raises OSError."""
-    port = server.add_insecure_port(address)
+def listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Binds `address` ('host:0' picks a port), with TLS when given credentials, and
+    returns the port. Raises OSError."""
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return port
 
 
+@dataclass(frozen=True)
+class Security:
+    """Mutual TLS and who may call what. None of it in the --insecure-loopback mode."""
+
+    credentials: grpc.ServerCredentials
+    policy: Policy
+
+
+def server_credentials(certificate: Path, key: Path, client_ca: Path) -> grpc.ServerCredentials:
+    """TLS with the server's certificate, requiring client certificates from `client_ca`."""
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), certificate.read_bytes())], root_certificates=client_ca.read_bytes(),
+        require_client_auth=True,
+    )
+
+
 def create_server(
     address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions(),
     *, signer: Signer, tokenizer: Tokenizer | None = None, on_unavailable: Callable[[], None] | None = None,
+    audit_trail: AuditTrail | None = None, security: Security | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to `address` ('host:0' picks a port), not yet started; it offers
-    TokenService when given a tokenizer. Returns the server, the bound port and its
-    health servicer.
+    TokenService when given a tokenizer and AuditService when given an audit trail.
+    Returns the server, the bound port and its health servicer.
 
     Every unary call is observed (request id, access log, metrics: see
-    rpc/interceptors.py); `on_unavailable` is called after a call ends UNAVAILABLE."""
-    server = new_grpc_server(options, [ObservingInterceptor(on_unavailable, access_log=options.access_log)])
+    rpc/interceptors.py), then authorised and audited (rpc/auth.py); `on_unavailable`
+    is called after a call ends UNAVAILABLE. Without `security` the server listens
+    in plain text and lets every caller do everything: for loopback development only."""
+    server = new_grpc_server(options, [
+        ObservingInterceptor(on_unavailable, access_log=options.access_log),
+        AuthInterceptor(security.policy if security else None, audit_trail),
+    ])
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
     service_names = SERVICE_NAMES
@@ -86,6 +125,9 @@ def create_server(
         tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(tokenizer), server)
         service_names = (*SERVICE_NAMES, TOKEN_SERVICE_NAME)
     signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(signer), server)
+    if audit_trail is not None:
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_trail), server)
+        service_names = (*service_names, AUDIT_SERVICE_NAME)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *service_names):
@@ -95,7 +137,7 @@ def create_server(
             (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     _SERVED[health_servicer] = service_names
-    return server, listen(server, address), health_servicer
+    return server, listen(server, address, security.credentials if security else None), health_servicer
 
 
 # The keysvc services each health servicer answers for (set_serving marks those).

@@ -1,0 +1,237 @@
+"""Mutual TLS, roles and the audit trail through a real gRPC server with TLS on a
+loopback port: a development PKI made for the test, real client certificates per role,
+and certificates the server must refuse."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from keysvc.audit import AuditTrail
+from keysvc.authz import ROLES, Policy, roles_for
+from keysvc.pki import dev_identity, issue_client_certificate, make_dev_pki
+from keysvc.rpc.server import Security, ServerOptions, create_server, server_credentials
+from keysvc.store.audit import AuditStore
+from keysvc.store.schema import audit_records
+from keysvc.store.tokens import TokenStore
+from keysvc.tokens import Tokenizer
+from keysvc.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    seals_pb2,
+    seals_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+    tokens_pb2,
+    tokens_pb2_grpc,
+)
+from tests.servers import KEYSVC
+
+TIMEOUT = 10.0
+SERVICES = {
+    "KeyService": (keys_pb2, keys_pb2_grpc.KeyServiceStub),
+    "SealService": (seals_pb2, seals_pb2_grpc.SealServiceStub),
+    "SigningService": (signing_pb2, signing_pb2_grpc.SigningServiceStub),
+    "TokenService": (tokens_pb2, tokens_pb2_grpc.TokenServiceStub),
+    "AuditService": (audit_pb2, audit_pb2_grpc.AuditServiceStub),
+}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pki")
+    make_dev_pki(directory)
+    # A grant limited to one merchant, and a certificate whose identity has no grant.
+    issue_client_certificate(directory, "client-limited", "spiffe://keysvc.dev/limited-gateway")
+    issue_client_certificate(directory, "client-stranger", "spiffe://keysvc.dev/stranger")
+    with open(directory / "policy.toml", "a") as policy:
+        policy.write('\n[[grant]]\nidentity = "spiffe://keysvc.dev/limited-gateway"\nroles = ["gateway"]\n'
+                     'merchants = ["m-allowed"]\n')
+    return directory
+
+
+@pytest.fixture
+def secure_server(domain, pki):
+    trail = AuditTrail(domain.hsm, AuditStore(domain.store.engine))
+    security = Security(server_credentials(pki / "server.crt", pki / "server.key", pki / "ca.crt"),
+                        Policy.load(pki / "policy.toml"))
+    # With mutual TLS the detokenizer role decides who sees PANs (as keysvc serve does).
+    tokenizer = Tokenizer(domain.hsm, TokenStore(domain.store.engine), detokenize_allowed=True)
+    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False),
+                                         signer=domain.signer, tokenizer=tokenizer, audit_trail=trail,
+                                         security=security)
+    grpc_server.start()
+    yield f"localhost:{port}", trail
+    grpc_server.stop(None)
+
+
+def channel_as(address: str, pki, name: str | None, ca: str = "ca.crt") -> grpc.Channel:
+    root = (pki / ca).read_bytes()
+    if name is None:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root))
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(
+        root, (pki / f"{name}.key").read_bytes(), (pki / f"{name}.crt").read_bytes()))
+
+
+def code_of(call, request) -> grpc.StatusCode:
+    try:
+        call(request, timeout=TIMEOUT)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        return error.code()
+
+
+def every_rpc():
+    for service, (module, stub_class) in SERVICES.items():
+        descriptor = module.DESCRIPTOR.services_by_name[service]
+        for method in descriptor.methods:
+            request_class = getattr(module, method.input_type.name, None) or getattr(
+                seals_pb2, method.input_type.name)
+            yield service, stub_class, method.name, request_class
+
+
+def test_every_rpc_for_every_role_is_allowed_or_permission_denied_as_the_policy_says(secure_server, pki):
+    address, _trail = secure_server
+    checked = 0
+    for role in ROLES:
+        with channel_as(address, pki, f"client-{role}") as channel:
+            for service, stub_class, method, request_class in every_rpc():
+                code = code_of(getattr(stub_class(channel), method), request_class())
+                allowed = role in roles_for(f"/keysvc.v1.{service}/{method}")
+                if allowed:
+                    assert code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED), \
+                        (role, method, code)
+                else:
+                    assert code == grpc.StatusCode.PERMISSION_DENIED, (role, method, code)
+                checked += 1
+    assert checked > 5 * 25
+
+
+def test_health_is_open_to_any_client_of_the_ca(secure_server, pki):
+    address, _trail = secure_server
+    with channel_as(address, pki, "client-auditor") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _foreign_and_expired_certificates(pki):
+    """A client certificate from another CA, and an expired one from the right CA."""
+    other = pki / "other"
+    other.mkdir(exist_ok=True)
+    make_dev_pki(other)
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
+    expired = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")]))
+               .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(past).not_valid_after(past + datetime.timedelta(days=1))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(dev_identity("gateway"))]),
+                              critical=False)
+               .sign(ca_key, hashes.SHA256()))
+    (pki / "client-expired.crt").write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    (pki / "client-expired.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for suffix in ("crt", "key"):
+        (pki / f"client-foreign.{suffix}").write_bytes((other / f"client-gateway.{suffix}").read_bytes())
+
+
+@pytest.mark.parametrize("client", [None, "client-foreign", "client-expired"])
+def test_no_certificate_one_from_another_ca_or_an_expired_one_is_refused(secure_server, pki, client):
+    address, _trail = secure_server
+    _foreign_and_expired_certificates(pki)
+    request = seals_pb2.SealRequest(key_id="m/k", message=b"m")
+
+    with channel_as(address, pki, client) as channel:
+        code = code_of(seals_pb2_grpc.SealServiceStub(channel).Seal, request)
+
+    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_an_identity_without_a_grant_and_a_grant_outside_its_merchants_are_denied(secure_server, pki, domain):
+    address, _trail = secure_server
+    from keysvc.model import KeyAlgorithm, KeyPurpose
+
+    for merchant in ("m-allowed", "m-other"):
+        domain.keys.create_key(merchant, "k", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+
+    with channel_as(address, pki, "client-stranger") as channel:
+        stranger = code_of(seals_pb2_grpc.SealServiceStub(channel).Seal,
+                           seals_pb2.SealRequest(key_id="m-allowed/k", message=b"m"))
+    with channel_as(address, pki, "client-limited") as channel:
+        stub = seals_pb2_grpc.SealServiceStub(channel)
+        own = code_of(stub.Seal, seals_pb2.SealRequest(key_id="m-allowed/k", message=b"m"))
+        other = code_of(stub.Seal, seals_pb2.SealRequest(key_id="m-other/k", message=b"m"))
+        mixed = code_of(stub.BatchSeal, seals_pb2.BatchSealRequest(requests=[
+            seals_pb2.SealRequest(key_id="m-allowed/k", message=b"m"),
+            seals_pb2.SealRequest(key_id="m-other/k", message=b"m")]))
+
+    assert stranger == other == mixed == grpc.StatusCode.PERMISSION_DENIED
+    assert own == grpc.StatusCode.OK
+
+
+def test_key_changes_and_denied_calls_are_audited_with_the_caller_identity(secure_server, pki, merchant):
+    address, trail = secure_server
+    with channel_as(address, pki, "client-key-admin") as channel:
+        keys_pb2_grpc.KeyServiceStub(channel).CreateKey(keys_pb2.CreateKeyRequest(
+            merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=TIMEOUT)
+    with channel_as(address, pki, "client-gateway") as channel:
+        denied = code_of(keys_pb2_grpc.KeyServiceStub(channel).RotateKey,
+                         keys_pb2.RotateKeyRequest(key_id=f"{merchant}/k"))
+
+    records = [(r.identity, r.operation, r.target, r.outcome) for r in trail.read(limit=100)]
+    assert denied == grpc.StatusCode.PERMISSION_DENIED
+    assert (dev_identity("key-admin"), "/keysvc.v1.KeyService/CreateKey", merchant, "STARTED") in records
+    assert (dev_identity("key-admin"), "/keysvc.v1.KeyService/CreateKey", merchant, "OK") in records
+    assert (dev_identity("gateway"), "/keysvc.v1.KeyService/RotateKey", f"{merchant}/k", "PERMISSION_DENIED") \
+        in records
+    assert trail.verify().intact
+
+
+def test_a_failing_audit_write_blocks_the_operation(secure_server, pki, merchant, domain):
+    address, _trail = secure_server
+    with domain.store.engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE audit_records"))
+
+    with channel_as(address, pki, "client-key-admin") as channel:
+        code = code_of(keys_pb2_grpc.KeyServiceStub(channel).CreateKey, keys_pb2.CreateKeyRequest(
+            merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256))
+
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert domain.store.load_key(f"{merchant}/k") is None
+
+
+def test_audit_cli_verifies_the_trail_and_names_a_tampered_record(secure_server, pki, merchant, domain):
+    address, _trail = secure_server
+    with channel_as(address, pki, "client-key-admin") as channel:
+        for name in ("a", "b", "c"):
+            keys_pb2_grpc.KeyServiceStub(channel).CreateKey(keys_pb2.CreateKeyRequest(
+                merchant_id=merchant, name=name, algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=TIMEOUT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSVC_")}
+
+    def audit(*args):
+        return subprocess.run([KEYSVC, "--server", address, "--pki", str(pki), "audit", *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    intact = audit("verify")
+    listed = audit("list")
+    with domain.store.engine.begin() as connection:
+        connection.execute(sa.update(audit_records).where(audit_records.c.seq == 3).values(outcome="OK"))
+    tampered = audit("verify")
+
+    assert intact.returncode == 0 and "intact: 6 records, 6 signed checkpoints" in intact.stdout, intact.stderr
+    assert "/keysvc.v1.KeyService/CreateKey" in listed.stdout
+    assert tampered.returncode == 1 and "TAMPERED at record 3" in tampered.stdout
