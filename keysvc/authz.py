@@ -6,6 +6,7 @@ grants roles to caller identities (PCI DSS 7: each caller does its job and no mo
     signer       SigningService
     key-admin    KeyService, and token data-key administration
     auditor      AuditService
+    (key-admin also approves others' dual-control requests: ApprovalService)
 
 A grant may be limited to some merchants (key ids `<merchant>/<name>`) or token
 domains; by default it covers all. Anything not granted is refused.
@@ -25,6 +26,7 @@ _SIGNING = "/keysvc.v1.SigningService/"
 _KEYS = "/keysvc.v1.KeyService/"
 _TOKENS = "/keysvc.v1.TokenService/"
 _AUDIT = "/keysvc.v1.AuditService/"
+_APPROVALS = "/keysvc.v1.ApprovalService/"
 
 # Method name prefix (a service) or full method name → the roles that may call it.
 RPC_ROLES: dict[str, frozenset[str]] = {
@@ -39,7 +41,12 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     _TOKENS + "RewrapTokens": frozenset({"key-admin"}),
     _TOKENS + "ShredTokenDomain": frozenset({"key-admin"}),
     _AUDIT: frozenset({"auditor"}),
+    _APPROVALS: frozenset({"key-admin"}),
 }
+# Calls that need a second key-admin's approval when dual control is on.
+DUAL_CONTROL_METHODS = frozenset({
+    _KEYS + "ImportKey", _KEYS + "DestroyKeyVersion", _TOKENS + "ShredTokenDomain",
+})
 # Calls that change keys or reveal card numbers: recorded in the audit trail whatever
 # their outcome (denied calls of every method are recorded too).
 AUDITED_METHODS = frozenset({
@@ -47,6 +54,8 @@ AUDITED_METHODS = frozenset({
                               "DestroyKeyVersion")
 } | {
     _TOKENS + name for name in ("Detokenize", "DeleteToken", "RotateTokenKey", "RewrapTokens", "ShredTokenDomain")
+} | {
+    _APPROVALS + name for name in ("ApproveOperation", "RejectOperation")
 })
 
 

@@ -26,6 +26,8 @@ from keysvc import config as config_module
 from keysvc.authz import ROLES
 from keysvc.seal_formats import decode_monetico_key
 from keysvc.v1 import (
+    approvals_pb2,
+    approvals_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
     keys_pb2,
@@ -103,6 +105,7 @@ class Client:
         self.signing = signing_pb2_grpc.SigningServiceStub(self.channel)
         self.tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
+        self.approvals = approvals_pb2_grpc.ApprovalServiceStub(self.channel)
         self.timeout = timeout
 
 
@@ -259,6 +262,9 @@ _config_option = click.option(
 @click.option("--tls-key", default=None, help="The server's private key (PEM).")
 @click.option("--tls-client-ca", default=None, help="CA certificate(s) that client certificates must chain to.")
 @click.option("--policy", default=None, help="The role policy (TOML): which identity may call what.")
+@click.option("--dual-control/--no-dual-control", default=None,
+              help="With TLS: ImportKey, DestroyKeyVersion and ShredTokenDomain need a second key-admin "
+                   "[default: on].")
 @click.option("--insecure-loopback", is_flag=True, default=None,
               help="Development only: plain text, no client certificates, every caller may do everything; "
                    "refused on any non-loopback address.")
@@ -908,6 +914,48 @@ def tokens_shred(ctx, domain, yes) -> None:
         click.confirm(f"Shred token domain {domain}? Its PANs become unrecoverable", abort=True)
     response = _call(ctx, _client(ctx).tokens.ShredTokenDomain, tokens_pb2.ShredTokenDomainRequest(domain=domain))
     _print(ctx, response, f"shredded {domain}: {response.tokens_destroyed} token(s) destroyed")
+
+
+# -- approvals ------------------------------------------------------------------------------------
+
+
+@main.group()
+def approvals() -> None:
+    """Dual control: list, approve or reject another key-admin's pending operations."""
+
+
+def _describe_operation(operation) -> str:
+    return (f"{operation.operation_id}  {operation.method.rpartition('/')[2]}  {operation.target}  "
+            f"asked by {operation.requested_by}  until {operation.expire_time.ToDatetime().isoformat()}Z")
+
+
+@approvals.command("list")
+@click.pass_context
+def approvals_list(ctx) -> None:
+    """List the operations waiting for a second key-admin."""
+    response = _call(ctx, _client(ctx).approvals.ListPendingOperations,
+                     approvals_pb2.ListPendingOperationsRequest())
+    _print(ctx, response, "\n".join(map(_describe_operation, response.operations)) or "nothing pending")
+
+
+@approvals.command("approve")
+@click.argument("operation_id")
+@click.pass_context
+def approvals_approve(ctx, operation_id) -> None:
+    """Approve OPERATION_ID, which then runs (never your own request)."""
+    response = _call(ctx, _client(ctx).approvals.ApproveOperation,
+                     approvals_pb2.DecideOperationRequest(operation_id=operation_id))
+    _print(ctx, response, f"approved and done: {_describe_operation(response.operation)}")
+
+
+@approvals.command("reject")
+@click.argument("operation_id")
+@click.pass_context
+def approvals_reject(ctx, operation_id) -> None:
+    """Reject OPERATION_ID: it never runs."""
+    response = _call(ctx, _client(ctx).approvals.RejectOperation,
+                     approvals_pb2.DecideOperationRequest(operation_id=operation_id))
+    _print(ctx, response, f"rejected: {_describe_operation(response.operation)}")
 
 
 # -- audit ----------------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class Settings:
     tls_client_ca: str = ""
     policy: str = ""
     insecure_loopback: bool = False
+    # With TLS: ImportKey, DestroyKeyVersion and ShredTokenDomain need two key-admins.
+    dual_control: bool = True
 
     @property
     def hsm_config(self) -> hsm.HsmConfig:
@@ -116,6 +118,7 @@ SETTINGS = (
     Setting("tls.client_ca", "tls_client_ca", "KEYSVC_TLS_CLIENT_CA", str),
     Setting("auth.policy", "policy", "KEYSVC_POLICY", str),
     Setting("insecure_loopback", "insecure_loopback", "KEYSVC_INSECURE_LOOPBACK", bool),
+    Setting("auth.dual_control", "dual_control", "KEYSVC_DUAL_CONTROL", bool),
 )
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}

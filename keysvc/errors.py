@@ -18,10 +18,12 @@ class KeysvcError(Exception):
 
     reason = "KEYSVC_ERROR"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None) -> None:
         message = _encodable(message)
         super().__init__(message)
         self.message = message
+        # Machine-readable facts for the caller (google.rpc.ErrorInfo.metadata).
+        self.metadata = metadata or {}
         if reason is not None:
             self.reason = reason
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hsm
+from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
 from keysvc.authz import Policy, PolicyError
 from keysvc.config import ConfigurationError, Settings
@@ -161,6 +162,7 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
         tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon, audit_trail=services.audit_trail,
         security=security_of(settings),
+        approvals=Approvals(services.store.engine) if settings.dual_control else None,
     )
     monitor.start()
     stop = _stop_event_on_signals()

@@ -235,3 +235,108 @@ def test_audit_cli_verifies_the_trail_and_names_a_tampered_record(secure_server,
     assert intact.returncode == 0 and "intact: 6 records, 6 signed checkpoints" in intact.stdout, intact.stderr
     assert "/keysvc.v1.KeyService/CreateKey" in listed.stdout
     assert tampered.returncode == 1 and "TAMPERED at record 3" in tampered.stdout
+
+
+# -- dual control -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dual_control_server(domain, pki):
+    from keysvc.approvals import Approvals
+
+    # A second key-admin identity, so that two distinct admins exist.
+    issue_client_certificate(pki, "client-key-admin-2", "spiffe://keysvc.dev/key-admin-2")
+    policy = pki / "policy-dual.toml"
+    policy.write_text((pki / "policy.toml").read_text()
+                      + '\n[[grant]]\nidentity = "spiffe://keysvc.dev/key-admin-2"\nroles = ["key-admin"]\n')
+    trail = AuditTrail(domain.hsm, AuditStore(domain.store.engine))
+    approvals = Approvals(domain.store.engine)
+    security = Security(server_credentials(pki / "server.crt", pki / "server.key", pki / "ca.crt"),
+                        Policy.load(policy))
+    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False),
+                                         signer=domain.signer, audit_trail=trail, security=security,
+                                         approvals=approvals)
+    grpc_server.start()
+    yield f"localhost:{port}", approvals, trail
+    grpc_server.stop(None)
+
+
+def _destroy_request(domain, merchant):
+    from keysvc.model import KeyAlgorithm, KeyPurpose
+
+    key = domain.keys.create_key(merchant, "k", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+    domain.keys.rotate_key(key.key_id)
+    return keys_pb2.DestroyKeyVersionRequest(key_id=key.key_id, version=1)
+
+
+def _pending_id(error: grpc.RpcError) -> str:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    for detail in rpc_status.from_call(error).details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            assert info.reason == "APPROVAL_REQUIRED"
+            return info.metadata["operation_id"]
+    raise AssertionError("no ErrorInfo")
+
+
+def test_dual_control_a_second_admin_approves_then_it_runs_and_nothing_runs_on_one(dual_control_server, pki,
+                                                                                   domain, merchant):
+    from keysvc.model import KeyVersionState
+    from keysvc.v1 import approvals_pb2, approvals_pb2_grpc
+
+    address, _approvals, trail = dual_control_server
+    request = _destroy_request(domain, merchant)
+    with channel_as(address, pki, "client-key-admin") as first, channel_as(address, pki, "client-key-admin-2") as second:
+        with pytest.raises(grpc.RpcError) as asked:
+            keys_pb2_grpc.KeyServiceStub(first).DestroyKeyVersion(request, timeout=TIMEOUT)
+        operation_id = _pending_id(asked.value)
+        assert domain.store.load_key(request.key_id).find_version(1).state is KeyVersionState.ENABLED
+        own = code_of(approvals_pb2_grpc.ApprovalServiceStub(first).ApproveOperation,
+                      approvals_pb2.DecideOperationRequest(operation_id=operation_id))
+        listed = approvals_pb2_grpc.ApprovalServiceStub(second).ListPendingOperations(
+            approvals_pb2.ListPendingOperationsRequest(), timeout=TIMEOUT)
+        approved = approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation(
+            approvals_pb2.DecideOperationRequest(operation_id=operation_id), timeout=TIMEOUT)
+        again = code_of(approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation,
+                        approvals_pb2.DecideOperationRequest(operation_id=operation_id))
+
+    assert asked.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert own == grpc.StatusCode.PERMISSION_DENIED
+    assert [op.operation_id for op in listed.operations] == [operation_id]
+    result = keys_pb2.DestroyKeyVersionResponse()
+    assert approved.response.Unpack(result) and result.key.key_id == request.key_id
+    assert domain.store.load_key(request.key_id).find_version(1).state is KeyVersionState.DESTROYED
+    assert again == grpc.StatusCode.FAILED_PRECONDITION
+    outcomes = [(r.operation.rpartition("/")[2], r.outcome) for r in trail.read(limit=100)]
+    assert ("DestroyKeyVersion", "APPROVAL_REQUIRED") in outcomes and ("ApproveOperation", "OK") in outcomes
+
+
+def test_dual_control_a_rejected_or_expired_operation_never_runs(dual_control_server, pki, domain, merchant):
+    from datetime import datetime, timedelta, timezone
+
+    from keysvc.model import KeyVersionState
+    from keysvc.store.schema import pending_operations
+    from keysvc.v1 import approvals_pb2, approvals_pb2_grpc
+
+    address, _approvals, _trail = dual_control_server
+    request = _destroy_request(domain, merchant)
+    ids = []
+    with channel_as(address, pki, "client-key-admin") as first, channel_as(address, pki, "client-key-admin-2") as second:
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as asked:
+                keys_pb2_grpc.KeyServiceStub(first).DestroyKeyVersion(request, timeout=TIMEOUT)
+            ids.append(_pending_id(asked.value))
+        approvals_pb2_grpc.ApprovalServiceStub(second).RejectOperation(
+            approvals_pb2.DecideOperationRequest(operation_id=ids[0]), timeout=TIMEOUT)
+        with domain.store.engine.begin() as connection:
+            connection.execute(sa.update(pending_operations).where(pending_operations.c.operation_id == ids[1])
+                               .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+        rejected = code_of(approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation,
+                           approvals_pb2.DecideOperationRequest(operation_id=ids[0]))
+        expired = code_of(approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation,
+                          approvals_pb2.DecideOperationRequest(operation_id=ids[1]))
+
+    assert rejected == expired == grpc.StatusCode.FAILED_PRECONDITION
+    assert domain.store.load_key(request.key_id).find_version(1).state is KeyVersionState.ENABLED

@@ -11,13 +11,15 @@ every call is allowed and recorded as made by "insecure-loopback".
 
 from __future__ import annotations
 
+import contextvars
 import logging
 
 import grpc
 
 from keysvc import errors
+from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
-from keysvc.authz import AUDITED_METHODS, Policy, Scope
+from keysvc.authz import AUDITED_METHODS, DUAL_CONTROL_METHODS, Policy, Scope
 from keysvc.logs import current_request_id
 from keysvc.pki import identity_of
 from keysvc.rpc.errors import rich_status
@@ -26,6 +28,8 @@ log = logging.getLogger("keysvc.auth")
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 INSECURE_IDENTITY = "insecure-loopback"
+# The identity of the call being served, for servicers that need it (approvals).
+current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("keysvc_identity", default="")
 
 
 def scope_of(request) -> Scope:
@@ -59,9 +63,11 @@ def _target(scope: Scope, request) -> str:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, policy: Policy | None, audit: AuditTrail | None) -> None:
+    def __init__(self, policy: Policy | None, audit: AuditTrail | None, approvals: Approvals | None = None) -> None:
         self._policy = policy
         self._audit = audit
+        # Dual control needs identities: only with a policy.
+        self._approvals = approvals if policy is not None else None
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -97,6 +103,21 @@ class AuthInterceptor(grpc.ServerInterceptor):
             log.error("a refused call could not be recorded in the audit trail")
         context.abort_with_status(rich_status(error))
 
+    def _ask_for_approval(self, context, identity: str, method: str, request, target: str, request_id: str) -> None:
+        """Keeps the request as a pending operation instead of running it, and says so."""
+        try:
+            operation = self._approvals.propose(method, request.SerializeToString(), target, identity)
+            self._record(identity, method, f"{target} op={operation.operation_id}", "APPROVAL_REQUIRED", request_id)
+        except errors.KeysvcError as error:
+            context.abort_with_status(rich_status(error))
+        name = method.rpartition("/")[2]
+        context.abort_with_status(rich_status(errors.FailedPrecondition(
+            f"{name} needs a second key-admin: pending operation {operation.operation_id}, until "
+            f"{operation.expires_at.isoformat(timespec='seconds')} (keysvc approvals approve "
+            f"{operation.operation_id})",
+            reason="APPROVAL_REQUIRED", metadata={"operation_id": operation.operation_id},
+        )))
+
     def _call(self, method: str, inner, request, context):
         request_id = current_request_id.get() or ""  # the one the access log and metrics use
         scope = scope_of(request)
@@ -109,6 +130,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
             decision = self._policy.decide(identity, method, scope)
             if not decision.allowed:
                 self._refuse(context, errors.PermissionDenied(decision.reason), identity, method, target, request_id)
+        current_identity.set(identity)
+        if self._approvals is not None and method in DUAL_CONTROL_METHODS:
+            self._ask_for_approval(context, identity, method, request, target, request_id)
         if method not in AUDITED_METHODS:
             return inner(request, context)
         try:

@@ -52,7 +52,8 @@ def _packed(message) -> any_pb2.Any:
 
 def rich_status(error: errors.KeysvcError) -> grpc.Status:
     code = status_code_of(error)
-    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
+    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
+                                                   metadata=error.metadata))]
     if isinstance(error, errors.InvalidArgument):
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))

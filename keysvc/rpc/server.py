@@ -12,9 +12,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
 from keysvc.authz import Policy
 from keysvc.keys import KeyManager
+from keysvc.rpc.approvals_servicer import ApprovalServicer
 from keysvc.rpc.audit_servicer import AuditServicer
 from keysvc.rpc.auth import AuthInterceptor
 from keysvc.rpc.interceptors import ObservingInterceptor
@@ -26,6 +28,8 @@ from keysvc.seals import Sealer
 from keysvc.signing import Signer
 from keysvc.tokens import Tokenizer
 from keysvc.v1 import (
+    approvals_pb2,
+    approvals_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
     keys_pb2,
@@ -45,6 +49,14 @@ SERVICE_NAMES = (
 )
 TOKEN_SERVICE_NAME = tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 AUDIT_SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
+APPROVAL_SERVICE_NAME = approvals_pb2.DESCRIPTOR.services_by_name["ApprovalService"].full_name
+
+
+def _undecorated(servicer, name: str):
+    """servicer.name without its @translated wrapper: an approval runs it inside its own
+    call, whose wrapper then turns the operation's errors into that call's status."""
+    function = getattr(type(servicer), name)
+    return lambda request, context: function.__wrapped__(servicer, request, context)
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,7 @@ def server_credentials(certificate: Path, key: Path, client_ca: Path) -> grpc.Se
 def create_server(
     address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions(),
     *, signer: Signer, tokenizer: Tokenizer | None = None, on_unavailable: Callable[[], None] | None = None,
-    audit_trail: AuditTrail | None = None, security: Security | None = None,
+    audit_trail: AuditTrail | None = None, security: Security | None = None, approvals: Approvals | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to `address` ('host:0' picks a port), not yet started; it offers
     TokenService when given a tokenizer and AuditService when given an audit trail.
@@ -113,21 +125,37 @@ def create_server(
     Every unary call is observed (request id, access log, metrics: see
     rpc/interceptors.py), then authorised and audited (rpc/auth.py); `on_unavailable`
     is called after a call ends UNAVAILABLE. Without `security` the server listens
-    in plain text and lets every caller do everything: for loopback development only."""
+    in plain text and lets every caller do everything: for loopback development only.
+    With security and `approvals`, ImportKey, DestroyKeyVersion and ShredTokenDomain
+    need a second key-admin (ApprovalService)."""
+    if security is None:
+        approvals = None  # dual control needs identities
     server = new_grpc_server(options, [
         ObservingInterceptor(on_unavailable, access_log=options.access_log),
-        AuthInterceptor(security.policy if security else None, audit_trail),
+        AuthInterceptor(security.policy if security else None, audit_trail, approvals),
     ])
-    keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
+    key_servicer = KeyServicer(keys)
+    keys_pb2_grpc.add_KeyServiceServicer_to_server(key_servicer, server)
+    runners = {
+        "/keysvc.v1.KeyService/ImportKey": (keys_pb2.ImportKeyRequest, _undecorated(key_servicer, "ImportKey")),
+        "/keysvc.v1.KeyService/DestroyKeyVersion": (
+            keys_pb2.DestroyKeyVersionRequest, _undecorated(key_servicer, "DestroyKeyVersion")),
+    }
     seals_pb2_grpc.add_SealServiceServicer_to_server(SealServicer(sealer), server)
     service_names = SERVICE_NAMES
     if tokenizer is not None:
-        tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(tokenizer), server)
+        token_servicer = TokenServicer(tokenizer)
+        tokens_pb2_grpc.add_TokenServiceServicer_to_server(token_servicer, server)
+        runners["/keysvc.v1.TokenService/ShredTokenDomain"] = (
+            tokens_pb2.ShredTokenDomainRequest, _undecorated(token_servicer, "ShredTokenDomain"))
         service_names = (*SERVICE_NAMES, TOKEN_SERVICE_NAME)
     signing_pb2_grpc.add_SigningServiceServicer_to_server(SigningServicer(signer), server)
     if audit_trail is not None:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_trail), server)
         service_names = (*service_names, AUDIT_SERVICE_NAME)
+    if approvals is not None:
+        approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(ApprovalServicer(approvals, runners), server)
+        service_names = (*service_names, APPROVAL_SERVICE_NAME)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *service_names):

@@ -150,3 +150,19 @@ audit_signing_keys = Table(
     Column("wrapped_seed_key", LargeBinary, nullable=False),
     Column("binding_tag", LargeBinary, nullable=False),
 )
+
+# Dual control: a request that needs a second key-admin, kept (serialised) until one
+# approves or rejects it, or it expires.
+pending_operations = Table(
+    "pending_operations",
+    metadata,
+    Column("operation_id", String(32), primary_key=True),
+    Column("method", String(128), nullable=False),
+    Column("request", LargeBinary, nullable=False),
+    Column("target", String(512), nullable=False),
+    Column("requested_by", String(512), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("decided_by", String(512), nullable=False, server_default=""),
+)
