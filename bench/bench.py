@@ -47,9 +47,9 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc  # noqa: E402
 from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc  # noqa: E402
 from keysvc.v1 import tokens_pb2, tokens_pb2_grpc  # noqa: E402
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, signing_pb2, signing_pb2_grpc  # noqa: E402
 
 TOKEN_LABEL = "bench"
 MESSAGE_BYTES = 64
@@ -58,10 +58,10 @@ BATCH_IN_FLIGHT = 2
 CONCURRENCIES = (1, 8, 32)
 SEAL_TARGET = 0.85
 BATCH_TARGET = 0.50
-TOKENIZE_TARGET = 0.50
-TOKEN_UNARY_IN_FLIGHT = 8
 SIGN_TARGET = 0.90
 SIGN_IN_FLIGHT = 8
+TOKENIZE_TARGET = 0.50
+TOKEN_UNARY_IN_FLIGHT = 8
 CALL_TIMEOUT = 30.0
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0  # keysvc gives calls in flight 5 s after SIGTERM
@@ -317,37 +317,6 @@ class RawHsmLoad:
         self.session.close()
 
 
-class RawTokenHsmLoad:
-    """What tokenizing one PAN costs the HSM at the least: the fingerprint HMAC-SHA256 and
-    the AES-256-GCM encryption (with associated data), each with a session key, looped in
-    this process, one thread, on its own logged-in session. One op is one PAN."""
-
-    def __init__(self, cell: Cell, config_path: Path, pin: str) -> None:
-        os.environ["SOFTHSM2_CONF"] = str(config_path)  # before the module is first loaded here
-        import pkcs11
-        from pkcs11 import Attribute, KeyType, Mechanism
-        from pkcs11.mechanisms import GCMParams
-
-        self.cell = cell
-        token = pkcs11.lib(HSM_MODULE).get_token(token_label=TOKEN_LABEL)
-        self.session = token.open(user_pin=pin, rw=True)
-        self.hmac_key = self.session.generate_key(
-            KeyType.GENERIC_SECRET, 256, store=False,
-            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                      Attribute.SIGN: True, Attribute.VERIFY: False},
-        )
-        self.aes_key = self.session.generate_key(
-            KeyType.AES, 256, store=False,
-            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                      Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
-        )
-        self.hmac, self.gcm, self.params = Mechanism.SHA256_HMAC, Mechanism.AES_GCM, GCMParams
-        self.pans = [card_numbers(16)[0] for _ in range(64)]
-        self.aad = b"keysvc-token-v1" + bytes(40)
-
-    async def run(self, seconds: float, record: bool = True) -> None:
-        sign, encrypt, params = self.hmac_key.sign, self.aes_key.encrypt, self.params
-        hmac_mechanism, gcm, aad, pans = self.hmac, self.gcm, self.aad, self.pans
 class RawSignLoad:
     """RSA signatures of 64-byte messages in this process, one thread, with a session key
     pair of `bits` and the mechanism keysvc uses (the hash is made here, as keysvc does)."""
@@ -381,14 +350,62 @@ class RawSignLoad:
         usage = Usage(None)
         now = usage.started
         end = now + seconds
+        while now < end:
+            sign(data, mechanism=mechanism, mechanism_param=parameters)
+            after = time.perf_counter()
+            latencies.append(after - now)
+            now = after
+        if record:
+            self.cell.ops = len(latencies)
+            usage.add_to(self.cell)
+
+    def close(self) -> None:
+        self.private.destroy()
+        self.public.destroy()
+        self.session.close()
+
+
+class RawTokenHsmLoad:
+    """What tokenizing one PAN costs the HSM at the least: the fingerprint HMAC-SHA256 and
+    the AES-256-GCM encryption (with associated data), each with a session key, looped in
+    this process, one thread, on its own logged-in session. One op is one PAN."""
+
+    def __init__(self, cell: Cell, config_path: Path, pin: str) -> None:
+        os.environ["SOFTHSM2_CONF"] = str(config_path)  # before the module is first loaded here
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, Mechanism
+        from pkcs11.mechanisms import GCMParams
+
+        self.cell = cell
+        token = pkcs11.lib(HSM_MODULE).get_token(token_label=TOKEN_LABEL)
+        self.session = token.open(user_pin=pin, rw=True)
+        self.hmac_key = self.session.generate_key(
+            KeyType.GENERIC_SECRET, 256, store=False,
+            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                      Attribute.SIGN: True, Attribute.VERIFY: False},
+        )
+        self.aes_key = self.session.generate_key(
+            KeyType.AES, 256, store=False,
+            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                      Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
+        )
+        self.hmac, self.gcm, self.params = Mechanism.SHA256_HMAC, Mechanism.AES_GCM, GCMParams
+        self.pans = [card_numbers(16)[0] for _ in range(64)]
+        self.aad = b"keysvc-token-v1" + bytes(40)
+
+    async def run(self, seconds: float, record: bool = True) -> None:
+        sign, encrypt, params = self.hmac_key.sign, self.aes_key.encrypt, self.params
+        hmac_mechanism, gcm, aad, pans = self.hmac, self.gcm, self.aad, self.pans
+        latencies = self.cell.latencies if record else []
+        usage = Usage(None)
+        now = usage.started
+        end = now + seconds
         index = 0
         while now < end:
             pan = pans[index % 64].encode()
             index += 1
             sign(b"keysvc-pan-fingerprint-v1:" + pan, mechanism=hmac_mechanism)
             encrypt(pan, mechanism=gcm, mechanism_param=params(os.urandom(12), aad, 128))
-        while now < end:
-            sign(data, mechanism=mechanism, mechanism_param=parameters)
             after = time.perf_counter()
             latencies.append(after - now)
             now = after
@@ -415,11 +432,6 @@ def card_numbers(count: int, length: int = 16) -> list[str]:
             total += digit
         numbers.append(body + str((10 - total % 10) % 10))
     return numbers
-
-
-        self.private.destroy()
-        self.public.destroy()
-        self.session.close()
 
 
 async def interleaved(loads, seconds: float, warmup: float, rounds: int) -> None:
@@ -581,7 +593,8 @@ def print_token_table(token_cells, raw_cell) -> None:
           f"target >= {100 * TOKENIZE_TARGET:.0f}%   {verdict}")
 
 
-def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell) -> None:
+
+
 # -- payment schemes ---------------------------------------------------------------------------
 
 SIPS_FIELDS = [
