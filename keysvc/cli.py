@@ -209,6 +209,15 @@ def describe_key(key: keys_pb2.Key) -> str:
     return "\n".join(lines)
 
 
+def _options(options: list):
+    """A decorator that adds every option of `options` to a command, in order."""
+    def add(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return add
+
+
 # -- serve ----------------------------------------------------------------------------------
 
 
@@ -339,10 +348,7 @@ _profile_options = [
 ]
 
 
-def _with_profile_options(command):
-    for option in reversed(_profile_options):
-        command = option(command)
-    return command
+_with_profile_options = _options(_profile_options)
 
 
 def _algorithm_number(platform: str | None, algorithm: str | None) -> int:
@@ -628,10 +634,7 @@ _message_options = [
 ]
 
 
-def _with_message_options(command):
-    for option in reversed(_message_options):
-        command = option(command)
-    return command
+_with_message_options = _options(_message_options)
 
 
 @seal.command("compute")
@@ -706,10 +709,7 @@ _signature_options = [
 ]
 
 
-def _with_signature_options(command):
-    for option in reversed(_signature_options):
-        command = option(command)
-    return command
+_with_signature_options = _options(_signature_options)
 
 
 @main.command("sign")

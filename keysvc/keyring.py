@@ -152,6 +152,18 @@ class KeyRing:
             return None
         return self._reload(key_id)
 
+    def with_fresh_key(self, key: Key, choose: Callable[[Key], object]):
+        """(key, choose(key)); when choose raises NotFound or FailedPrecondition (a version
+        this cache has not seen, or holds in a state that refuses), re-reads the key once
+        and tries again: another worker may just have added or re-enabled it."""
+        try:
+            return key, choose(key)
+        except (NotFound, FailedPrecondition):
+            fresh = self.refresh(key.key_id)
+            if fresh is None:
+                raise
+            return fresh, choose(fresh)
+
     def remember(self, key: Key) -> None:
         """Takes a key this process just wrote, so its own next call sees the change."""
         self._install(key)

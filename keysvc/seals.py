@@ -221,18 +221,6 @@ class Sealer:
             )
         return found
 
-    def _with_fresh_key(self, key: Key, choose):
-        """Applies `choose` to the key; when it names a version this cache has not seen
-        or holds in a state that refuses, re-reads the key once (another worker may just
-        have added or re-enabled it)."""
-        try:
-            return key, choose(key)
-        except (NotFound, FailedPrecondition):
-            fresh = self._ring.refresh(key.key_id)
-            if fresh is None:
-                raise
-            return fresh, choose(fresh)
-
     def _prepare_seal(self, request: SealRequest, resolved: dict | None = None) -> tuple[Key, KeyVersion, SealedText]:
         """The key, version and sealed bytes of one request. `resolved` memoises key and
         version lookups across the items of a batch, which mostly share a key."""
@@ -245,7 +233,7 @@ class Sealer:
             raise self._oversized_message()
         version = self._version_asked(request, sealed)
         return (*_memoised(resolved, (request.key_id, version),
-                           lambda: self._with_fresh_key(key, lambda k: self._sealing_version(k, version))), sealed)
+                           lambda: self._ring.with_fresh_key(key, lambda k: self._sealing_version(k, version))), sealed)
 
     # -- sealing ----------------------------------------------------------------------
 
@@ -341,7 +329,7 @@ class Sealer:
         if len(sealed.data) > self.max_message_bytes:
             raise self._oversized_message()
         version = self._version_asked(request, sealed)
-        key, candidates = self._with_fresh_key(key, lambda k: self._candidates(k, version))
+        key, candidates = self._ring.with_fresh_key(key, lambda k: self._candidates(k, version))
         matched = self._matching_version(key, candidates, tag, sealed.data)
         if not matched:
             # Perhaps another worker rotated or re-enabled a version this cache has

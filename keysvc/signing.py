@@ -4,8 +4,8 @@ The message is hashed here (it is not secret), and the HSM signs the hash: PKCS#
 over its DigestInfo, or PSS with MGF1 and a salt as long as the hash. A caller may send
 the hash itself instead of the message. Verification uses `cryptography` on the public
 key stored with each version (the HSM only checks, once per version, that the stored
-record is the one it bound). Certificate signing requests and test certificates are built here and signed in the HSM, so a key
-can be certified without leaving it.
+record is the one it bound). Certificate signing requests and test certificates are
+built here and signed in the HSM, so a key can be certified without leaving it.
 """
 
 from __future__ import annotations
@@ -221,17 +221,6 @@ class Signer:
             )
         return found
 
-    def _fresh(self, key: Key, choose):
-        """choose(key), re-reading the key once when it names a version this cache has
-        not seen or holds in a state that refuses (another worker may just have changed it)."""
-        try:
-            return key, choose(key)
-        except (NotFound, FailedPrecondition):
-            fresh = self._ring.refresh(key.key_id)
-            if fresh is None:
-                raise
-            return fresh, choose(fresh)
-
     def _check_batch(self, items: list) -> None:
         if len(items) > self.max_batch_items:
             raise InvalidArgument("requests", f"holds more than {self.max_batch_items} items; split the batch")
@@ -254,7 +243,8 @@ class Signer:
             try:
                 digest = self._hash_of(request)
                 key = self._signing_key(request.key_id)
-                key, version = self._fresh(key, lambda k: self._version(k, request.version, signing=True))
+                key, version = self._ring.with_fresh_key(
+                    key, lambda k: self._version(k, request.version, signing=True))
             except KeysvcError as error:
                 outcomes[index] = error
                 continue
@@ -289,7 +279,7 @@ class Signer:
                 return [self._version(current, request.version, signing=False)]
             return [v for v in current.versions if v.state.can_verify]
 
-        key, versions = self._fresh(key, candidates)
+        key, versions = self._ring.with_fresh_key(key, candidates)
         for version in versions:
             if request.algorithm.verify(self._public_key(key, version), request.signature, digest):
                 return SignatureVerification(True, key.key_id, version.version)
@@ -302,7 +292,7 @@ class Signer:
         """The version's public key as PEM and JWK (`alg` from `algorithm`); versions that
         can still verify only."""
         key = self._signing_key(key_id)
-        key, found = self._fresh(key, lambda k: self._version(k, version, signing=False))
+        key, found = self._ring.with_fresh_key(key, lambda k: self._version(k, version, signing=False))
         public = self._public_key(key, found)
         numbers = public.public_numbers()
         pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -312,7 +302,7 @@ class Signer:
 
     def _signing_material(self, key_id: str, version: int) -> tuple[Key, KeyVersion, asn1_keys.PublicKeyInfo]:
         key = self._signing_key(key_id)
-        key, found = self._fresh(key, lambda k: self._version(k, version, signing=True))
+        key, found = self._ring.with_fresh_key(key, lambda k: self._version(k, version, signing=True))
         spki = self._public_key(key, found).public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         return key, found, asn1_keys.PublicKeyInfo.load(spki)
