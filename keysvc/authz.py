@@ -43,6 +43,17 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     _AUDIT: frozenset({"auditor"}),
     _APPROVALS: frozenset({"key-admin"}),
 }
+# Calls limited per identity (keysvc.limits), by kind: a Verify endpoint is a MAC oracle
+# and Detokenize hands out card numbers.
+RATE_LIMITED_METHODS = {
+    _SEALS + "Verify": "verify", _SEALS + "BatchVerify": "verify", _SIGNING + "Verify": "verify",
+    _TOKENS + "Detokenize": "detokenize",
+}
+# Calls that can hold the HSM for long: a caller must say how long it will wait.
+DEADLINE_REQUIRED_METHODS = frozenset({
+    _SEALS + "BatchSeal", _SEALS + "BatchVerify", _SIGNING + "BatchSign", _TOKENS + "Tokenize",
+    _TOKENS + "Detokenize", _TOKENS + "RewrapTokens", _KEYS + "CreateKey", _KEYS + "RotateKey",
+})
 # Calls that need a second key-admin's approval when dual control is on.
 DUAL_CONTROL_METHODS = frozenset({
     _KEYS + "ImportKey", _KEYS + "DestroyKeyVersion", _TOKENS + "ShredTokenDomain",

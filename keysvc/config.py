@@ -74,6 +74,9 @@ class Settings:
     insecure_loopback: bool = False
     # With TLS: ImportKey, DestroyKeyVersion and ShredTokenDomain need two key-admins.
     dual_control: bool = True
+    # With TLS: items per second per caller identity (0: no limit).
+    verify_rate: float = 2000.0
+    detokenize_rate: float = 100.0
 
     @property
     def hsm_config(self) -> hsm.HsmConfig:
@@ -119,6 +122,8 @@ SETTINGS = (
     Setting("auth.policy", "policy", "KEYSVC_POLICY", str),
     Setting("insecure_loopback", "insecure_loopback", "KEYSVC_INSECURE_LOOPBACK", bool),
     Setting("auth.dual_control", "dual_control", "KEYSVC_DUAL_CONTROL", bool),
+    Setting("limits.verify_per_second", "verify_rate", "KEYSVC_VERIFY_RATE", float),
+    Setting("limits.detokenize_per_second", "detokenize_rate", "KEYSVC_DETOKENIZE_RATE", float),
 )
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -194,6 +199,9 @@ def _problems(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("health_interval", "must be more than 0 seconds"))
     if not settings.health_timeout > 0:
         problems.append(("health_timeout", "must be more than 0 seconds"))
+    for name in ("verify_rate", "detokenize_rate"):
+        if getattr(settings, name) < 0:
+            problems.append((name, "must be 0 (no limit) or more"))
     if not settings.token_purge_interval > 0:
         problems.append(("token_purge_interval", "must be more than 0 seconds"))
     if settings.insecure_loopback:
@@ -364,8 +372,11 @@ def describe(settings: Settings, sources: Mapping[str, str]) -> str:
     """The effective configuration as TOML, each value's origin in a comment, secrets masked."""
     lines = ["# effective keysvc configuration (secrets masked)"]
     table = ""
-    # Top-level settings first: in TOML they cannot follow a [table].
-    for setting in sorted(SETTINGS, key=lambda setting: "." in setting.name):
+    # Top-level settings first (in TOML they cannot follow a [table]), then each table
+    # once, in the order its first setting is listed.
+    sections = list(dict.fromkeys(setting.name.rpartition(".")[0] for setting in SETTINGS))
+    for setting in sorted(SETTINGS, key=lambda setting: (bool(setting.name.rpartition(".")[0]),
+                                                         sections.index(setting.name.rpartition(".")[0]))):
         section, _, key = setting.name.rpartition(".")
         if section != table:
             lines.append(f"\n[{section}]")

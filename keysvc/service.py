@@ -30,6 +30,7 @@ from keysvc.config import ConfigurationError, Settings
 from keysvc.health import HealthMonitor, database_check, hsm_check
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager
+from keysvc.limits import Rate, RateLimiter
 from keysvc.metrics import MeasuredHsm, dependency_up
 from keysvc.seals import Sealer
 from keysvc.signing import Signer
@@ -163,6 +164,7 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
         tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon, audit_trail=services.audit_trail,
         security=security_of(settings),
         approvals=Approvals(services.store.engine) if settings.dual_control else None,
+        limiter=RateLimiter({"verify": Rate.of(settings.verify_rate), "detokenize": Rate.of(settings.detokenize_rate)}),
     )
     monitor.start()
     stop = _stop_event_on_signals()

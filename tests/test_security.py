@@ -340,3 +340,74 @@ def test_dual_control_a_rejected_or_expired_operation_never_runs(dual_control_se
 
     assert rejected == expired == grpc.StatusCode.FAILED_PRECONDITION
     assert domain.store.load_key(request.key_id).find_version(1).state is KeyVersionState.ENABLED
+
+
+# -- abuse limits -----------------------------------------------------------------------------------
+
+
+def test_rate_limiter_buckets_refill_per_identity_and_kind():
+    from keysvc.limits import Rate, RateLimited, RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter({"verify": Rate(10, 20)}, clock=lambda: now[0])
+    limiter.take("a", "verify", 20)
+    with pytest.raises(RateLimited) as refused:
+        limiter.take("a", "verify", 5)
+    limiter.take("b", "verify", 20)  # another identity has its own bucket
+    limiter.take("a", "detokenize", 10_000)  # no limit set for this kind
+    now[0] = 0.5
+    limiter.take("a", "verify", 5)
+
+    assert refused.value.retry_after == pytest.approx(0.5)
+
+
+@pytest.fixture
+def limited_server(domain, pki):
+    from keysvc.limits import Rate, RateLimiter
+
+    security = Security(server_credentials(pki / "server.crt", pki / "server.key", pki / "ca.crt"),
+                        Policy.load(pki / "policy.toml"))
+    limiter = RateLimiter({"verify": Rate(1, 5)})
+    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False),
+                                         signer=domain.signer, security=security, limiter=limiter)
+    grpc_server.start()
+    yield f"localhost:{port}"
+    grpc_server.stop(None)
+
+
+def test_verify_over_the_rate_limit_is_resource_exhausted_with_a_retry_hint(limited_server, pki, domain, merchant):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from keysvc.model import KeyAlgorithm, KeyPurpose
+
+    key = domain.keys.create_key(merchant, "k", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+    request = seals_pb2.VerifyRequest(key_id=key.key_id, message=b"m", seal="00" * 32)
+    with channel_as(limited_server, pki, "client-gateway") as channel:
+        stub = seals_pb2_grpc.SealServiceStub(channel)
+        answers = [code_of(stub.Verify, request) for _ in range(5)]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Verify(request, timeout=TIMEOUT)
+        batch = code_of(stub.BatchVerify, seals_pb2.BatchVerifyRequest(requests=[request] * 3))
+
+    assert answers == [grpc.StatusCode.OK] * 5
+    assert refused.value.code() == batch == grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry = error_details_pb2.RetryInfo()
+    assert any(detail.Unpack(retry) for detail in rpc_status.from_call(refused.value).details)
+    assert retry.retry_delay.ToNanoseconds() > 0
+
+
+def test_expensive_calls_need_a_deadline(secure_server, pki, domain, merchant):
+    from keysvc.model import KeyAlgorithm, KeyPurpose
+
+    address, _trail = secure_server
+    key = domain.keys.create_key(merchant, "k", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+    batch = seals_pb2.BatchSealRequest(requests=[seals_pb2.SealRequest(key_id=key.key_id, message=b"m")])
+    with channel_as(address, pki, "client-gateway") as channel:
+        stub = seals_pb2_grpc.SealServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.BatchSeal(batch)
+        done = stub.BatchSeal(batch, timeout=TIMEOUT)
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deadline" in refused.value.details()
+    assert done.results[0].response.seal

@@ -19,7 +19,15 @@ import grpc
 from keysvc import errors
 from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
-from keysvc.authz import AUDITED_METHODS, DUAL_CONTROL_METHODS, Policy, Scope
+from keysvc.authz import (
+    AUDITED_METHODS,
+    DEADLINE_REQUIRED_METHODS,
+    DUAL_CONTROL_METHODS,
+    RATE_LIMITED_METHODS,
+    Policy,
+    Scope,
+)
+from keysvc.limits import RateLimited, RateLimiter
 from keysvc.logs import current_request_id
 from keysvc.pki import identity_of
 from keysvc.rpc.errors import rich_status
@@ -28,6 +36,7 @@ log = logging.getLogger("keysvc.auth")
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 INSECURE_IDENTITY = "insecure-loopback"
+NO_DEADLINE_SECONDS = 24 * 3600
 # The identity of the call being served, for servicers that need it (approvals).
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("keysvc_identity", default="")
 
@@ -63,9 +72,12 @@ def _target(scope: Scope, request) -> str:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, policy: Policy | None, audit: AuditTrail | None, approvals: Approvals | None = None) -> None:
+    def __init__(self, policy: Policy | None, audit: AuditTrail | None, approvals: Approvals | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self._policy = policy
         self._audit = audit
+        # Abuse limits apply to identified callers (with a policy).
+        self._limiter = limiter if policy is not None else None
         # Dual control needs identities: only with a policy.
         self._approvals = approvals if policy is not None else None
 
@@ -118,6 +130,21 @@ class AuthInterceptor(grpc.ServerInterceptor):
             reason="APPROVAL_REQUIRED", metadata={"operation_id": operation.operation_id},
         )))
 
+    def _check_limits(self, context, identity: str, method: str, request, target: str, request_id: str) -> None:
+        remaining = context.time_remaining()
+        # gRPC reports a call without a deadline as one that ends in a distant future.
+        if method in DEADLINE_REQUIRED_METHODS and (remaining is None or remaining > NO_DEADLINE_SECONDS):
+            self._refuse(context, errors.InvalidArgument(
+                "deadline", f"{method.rpartition('/')[2]} needs a call deadline (timeout): it can hold the HSM "
+                            "for long"), identity, method, target, request_id)
+        kind = RATE_LIMITED_METHODS.get(method)
+        if kind is not None and self._limiter is not None:
+            items = len(getattr(request, "requests", None) or getattr(request, "tokens", None) or [None])
+            try:
+                self._limiter.take(identity, kind, items)
+            except RateLimited as error:
+                self._refuse(context, error, identity, method, target, request_id)
+
     def _call(self, method: str, inner, request, context):
         if self._policy is None and method not in AUDITED_METHODS:
             # The development mode's hot path (Seal, Verify...): nothing to decide or record.
@@ -135,6 +162,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             if not decision.allowed:
                 self._refuse(context, errors.PermissionDenied(decision.reason), identity, method, target, request_id)
         current_identity.set(identity)
+        if self._policy is not None:
+            self._check_limits(context, identity, method, request, target, request_id)
         if self._approvals is not None and method in DUAL_CONTROL_METHODS:
             self._ask_for_approval(context, identity, method, request, target, request_id)
         if method not in AUDITED_METHODS:

@@ -14,11 +14,12 @@ import time
 import traceback
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from keysvc import errors
+from keysvc.limits import RateLimited
 
 log = logging.getLogger("keysvc.rpc")
 
@@ -34,6 +35,7 @@ STATUS_BY_ERROR: dict[type[errors.KeysvcError], grpc.StatusCode] = {
     errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -54,6 +56,10 @@ def rich_status(error: errors.KeysvcError) -> grpc.Status:
     code = status_code_of(error)
     details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
                                                    metadata=error.metadata))]
+    if isinstance(error, RateLimited):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after * 1e9))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(error, errors.InvalidArgument):
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))

@@ -16,6 +16,7 @@ from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
 from keysvc.authz import Policy
 from keysvc.keys import KeyManager
+from keysvc.limits import RateLimiter
 from keysvc.rpc.approvals_servicer import ApprovalServicer
 from keysvc.rpc.audit_servicer import AuditServicer
 from keysvc.rpc.auth import AuthInterceptor
@@ -117,6 +118,7 @@ def create_server(
     address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions(),
     *, signer: Signer, tokenizer: Tokenizer | None = None, on_unavailable: Callable[[], None] | None = None,
     audit_trail: AuditTrail | None = None, security: Security | None = None, approvals: Approvals | None = None,
+    limiter: RateLimiter | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to `address` ('host:0' picks a port), not yet started; it offers
     TokenService when given a tokenizer and AuditService when given an audit trail.
@@ -127,12 +129,13 @@ def create_server(
     is called after a call ends UNAVAILABLE. Without `security` the server listens
     in plain text and lets every caller do everything: for loopback development only.
     With security and `approvals`, ImportKey, DestroyKeyVersion and ShredTokenDomain
-    need a second key-admin (ApprovalService)."""
+    need a second key-admin (ApprovalService); with security, `limiter` limits each
+    identity's Verify and Detokenize rates and expensive calls need a deadline."""
     if security is None:
         approvals = None  # dual control needs identities
     server = new_grpc_server(options, [
         ObservingInterceptor(on_unavailable, access_log=options.access_log),
-        AuthInterceptor(security.policy if security else None, audit_trail, approvals),
+        AuthInterceptor(security.policy if security else None, audit_trail, approvals, limiter),
     ])
     key_servicer = KeyServicer(keys)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(key_servicer, server)
