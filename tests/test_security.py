@@ -411,3 +411,90 @@ def test_expensive_calls_need_a_deadline(secure_server, pki, domain, merchant):
 
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deadline" in refused.value.details()
     assert done.results[0].response.seal
+
+
+# -- leak scan ----------------------------------------------------------------------------------------
+
+
+def test_no_secret_pin_or_card_number_reaches_logs_errors_the_database_or_the_audit_trail(
+        secure_server, pki, domain, merchant, token, sqlite_url):
+    import logging
+    from pathlib import Path
+
+    from google.protobuf import text_format
+
+    from tests.crypto_helpers import OAEP_SHA1, pem_public_key
+
+    address, trail = secure_server
+    secret = b"LEAKCHECK-secret-7f3a9c1e5b2d4f60"
+    card = "4111111111111111"
+    pin = token.pin_path.read_text().strip()
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(self.format(record))
+
+    capture = Capture(level=logging.DEBUG)
+    root, sql = logging.getLogger(), logging.getLogger("sqlalchemy.engine")
+    old_levels = root.level, sql.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    sql.setLevel(logging.INFO)  # every statement and its parameters: what reaches the database
+    said: list[str] = []
+    try:
+        with channel_as(address, pki, "client-key-admin") as admin_channel, \
+                channel_as(address, pki, "client-gateway") as gateway_channel, \
+                channel_as(address, pki, "client-signer") as signer_channel:
+            keys = keys_pb2_grpc.KeyServiceStub(admin_channel)
+            seals = seals_pb2_grpc.SealServiceStub(gateway_channel)
+            signing = signing_pb2_grpc.SigningServiceStub(signer_channel)
+            parameters = keys.GetImportParameters(keys_pb2.GetImportParametersRequest(), timeout=TIMEOUT)
+            wrapped = pem_public_key(parameters).encrypt(secret, OAEP_SHA1)
+            calls = [
+                (keys.ImportKey, keys_pb2.ImportKeyRequest(
+                    merchant_id=merchant, name="leak", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256,
+                    wrapped_secret=wrapped, import_key_id=parameters.import_key_id, platform=keys_pb2.KEY_PLATFORM_SIPS)),
+                (keys.ImportKey, keys_pb2.ImportKeyRequest(  # fails: not wrapped with the import key
+                    merchant_id=merchant, name="leak2", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256,
+                    wrapped_secret=secret * 12, import_key_id=parameters.import_key_id)),
+                (keys.CreateKey, keys_pb2.CreateKeyRequest(
+                    merchant_id=merchant, name="rsa", purpose=keys_pb2.KEY_PURPOSE_SIGN,
+                    algorithm=keys_pb2.KEY_ALGORITHM_RSA_2048)),
+                (seals.Seal, seals_pb2.SealRequest(key_id=f"{merchant}/leak", scheme=seals_pb2.SEAL_SCHEME_SIPS_POST,
+                                                   message=f"cardNumber={card}|keyVersion=1".encode())),
+                (seals.Seal, seals_pb2.SealRequest(  # fails: '|' in a value
+                    key_id=f"{merchant}/leak", scheme=seals_pb2.SEAL_SCHEME_SIPS_POST,
+                    fields=[seals_pb2.Field(name="cardNumber", value=f"{card}|x")])),
+                (seals.Seal, seals_pb2.SealRequest(  # fails: a boolean
+                    key_id=f"{merchant}/leak", scheme=seals_pb2.SEAL_SCHEME_SIPS_JSON_REQUEST,
+                    message=f'{{"cardNumber": "{card}", "x": true}}'.encode())),
+                (seals.Verify, seals_pb2.VerifyRequest(key_id=f"{merchant}/leak", message=card.encode(),
+                                                       seal=card)),
+                (seals.ExplainSeal, seals_pb2.SealRequest(key_id=f"{merchant}/leak", message=card.encode())),
+                (signing.Sign, signing_pb2.SignRequest(
+                    key_id=f"{merchant}/rsa", algorithm=signing_pb2.SIGNATURE_ALGORITHM_RSA_PSS_SHA256,
+                    message=card.encode())),
+                (signing.Sign, signing_pb2.SignRequest(  # fails: a digest of the wrong length
+                    key_id=f"{merchant}/rsa", algorithm=signing_pb2.SIGNATURE_ALGORITHM_RSA_PSS_SHA256,
+                    digest=card.encode())),
+            ]
+            for method, request in calls:
+                try:
+                    said.append(text_format.MessageToString(method(request, timeout=TIMEOUT)))
+                except grpc.RpcError as error:
+                    said.append(f"{error.code()} {error.details()}")
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(old_levels[0])
+        sql.setLevel(old_levels[1])
+
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    stored = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    audit = "\n".join(str(row) for row in trail.read(limit=1000))
+    text = "\n".join(lines + said) + "\n" + audit
+    assert any("INSERT INTO key_versions" in line for line in lines), "the capture saw no SQL"
+    assert len(said) == 10 and trail.verify().intact
+    for value in (secret, secret.hex().encode(), pin.encode(), card.encode()):
+        assert value.decode() not in text, value
+        assert value not in stored, value
