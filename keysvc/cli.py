@@ -24,20 +24,15 @@ from google.protobuf.json_format import MessageToDict
 
 from keysvc import config as config_module
 from keysvc.authz import ROLES
+from keysvc.client import KeysvcCallError, KeysvcClient, TlsIdentity
 from keysvc.seal_formats import decode_monetico_key
 from keysvc.v1 import (
     approvals_pb2,
-    approvals_pb2_grpc,
     audit_pb2,
-    audit_pb2_grpc,
     keys_pb2,
-    keys_pb2_grpc,
     seals_pb2,
-    seals_pb2_grpc,
     signing_pb2,
-    signing_pb2_grpc,
     tokens_pb2,
-    tokens_pb2_grpc,
 )
 
 ALGORITHM_CHOICES = {
@@ -90,25 +85,6 @@ EXIT_INVALID_SEAL = 1
 EXIT_ERROR = 2
 
 
-class Client:
-    """The stubs over one channel (mutual TLS with `tls` = (CA, certificate, key) PEM bytes,
-    else plain text), with the call timeout."""
-
-    def __init__(self, server: str, timeout: float, tls: tuple[bytes, bytes, bytes] | None = None) -> None:
-        if tls is None:
-            self.channel = grpc.insecure_channel(server)
-        else:
-            ca, certificate, key = tls
-            self.channel = grpc.secure_channel(server, grpc.ssl_channel_credentials(ca, key, certificate))
-        self.keys = keys_pb2_grpc.KeyServiceStub(self.channel)
-        self.seals = seals_pb2_grpc.SealServiceStub(self.channel)
-        self.signing = signing_pb2_grpc.SigningServiceStub(self.channel)
-        self.tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
-        self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
-        self.approvals = approvals_pb2_grpc.ApprovalServiceStub(self.channel)
-        self.timeout = timeout
-
-
 @click.group()
 @click.option("--server", envvar="KEYSVC_SERVER", default=config_module.DEFAULT_LISTEN, show_default=True,
               help="Address of the keysvc server (env KEYSVC_SERVER).")
@@ -143,14 +119,13 @@ def _role_for(command_path: str) -> str:
     return "key-admin"
 
 
-def _tls(ctx: click.Context) -> tuple[bytes, bytes, bytes] | None:
+def _tls(ctx: click.Context) -> TlsIdentity | None:
     if ctx.obj["insecure"]:
         return None
     directory = Path(ctx.obj["pki"])
     role = ctx.obj["role"] or _role_for(click.get_current_context().command_path)
-    paths = (directory / "ca.crt", directory / f"client-{role}.crt", directory / f"client-{role}.key")
     try:
-        return tuple(path.read_bytes() for path in paths)
+        return TlsIdentity.from_pki(directory, role)
     except OSError:
         raise click.UsageError(
             f"no {role} certificate in {directory} (make run creates them; --pki DIR, or --insecure for a server "
@@ -158,17 +133,19 @@ def _tls(ctx: click.Context) -> tuple[bytes, bytes, bytes] | None:
         ) from None
 
 
-def _client(ctx: click.Context) -> Client:
+def _client(ctx: click.Context) -> KeysvcClient:
+    """The client library's client (keysvc.client), made on first use."""
     if "client" not in ctx.obj:
-        ctx.obj["client"] = Client(ctx.obj["server"], ctx.obj["timeout"], _tls(ctx))
+        ctx.obj["client"] = KeysvcClient(ctx.obj["server"], tls=_tls(ctx), timeout=ctx.obj["timeout"])
     return ctx.obj["client"]
 
 
 def _call(ctx: click.Context, method, request):
+    """The call through the client library (its deadline, retries on UNAVAILABLE)."""
     try:
-        return method(request, timeout=ctx.obj["timeout"])
-    except grpc.RpcError as error:
-        click.echo(f"error: {error.code().name}: {error.details()}", err=True)
+        return _client(ctx).call(method, request)
+    except KeysvcCallError as error:
+        click.echo(f"error: {error.code.name}: {error.message}", err=True)
         ctx.exit(EXIT_ERROR)
 
 
@@ -361,12 +338,13 @@ def _profile_fields(platform: str | None, charset: str | None) -> dict:
 
 
 def _existing_key(ctx: click.Context, key_id: str) -> keys_pb2.Key | None:
+    client = _client(ctx)
     try:
-        return _client(ctx).keys.GetKey(keys_pb2.GetKeyRequest(key_id=key_id), timeout=ctx.obj["timeout"]).key
-    except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
+        return client.call(client.keys.GetKey, keys_pb2.GetKeyRequest(key_id=key_id)).key
+    except KeysvcCallError as error:
+        if error.code == grpc.StatusCode.NOT_FOUND:
             return None
-        click.echo(f"error: {error.code().name}: {error.details()}", err=True)
+        click.echo(f"error: {error.code.name}: {error.message}", err=True)
         ctx.exit(EXIT_ERROR)
 
 
