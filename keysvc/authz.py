@@ -136,6 +136,10 @@ class Policy:
             raise PolicyError("an identity has two grants: merge them")
         return cls(grants)
 
+    def take(self, newer: "Policy") -> None:
+        """Uses `newer`'s grants from now on (one assignment: calls see the old or the new)."""
+        self._grants = newer._grants
+
     def roles_of(self, identity: str) -> frozenset[str]:
         grant = self._grants.get(identity)
         return grant.roles if grant else frozenset()

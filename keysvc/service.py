@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -168,6 +169,9 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     )
     monitor.start()
     stop = _stop_event_on_signals()
+    security = server.keysvc_security
+    if security is not None:
+        signal.signal(signal.SIGHUP, lambda *_: _reload_policy(security.policy, Path(settings.policy)))
     server.start()
     threading.Thread(
         target=_purge_expired_tokens, args=(services.tokenizer, settings.token_purge_interval, stop),
@@ -182,6 +186,16 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     if metrics_server is not None:
         metrics_server.shutdown()
     services.store.close()
+
+
+def _reload_policy(policy: Policy, path: Path) -> None:
+    """SIGHUP: the policy file again; a file that does not load leaves the policy as it was."""
+    try:
+        policy.take(Policy.load(path))
+    except PolicyError as error:
+        log.error("policy not reloaded, the one in force stays: %s", error)
+        return
+    log.info("policy reloaded from %s", path)
 
 
 def _worker_main(settings: Settings, ready, worker_index: int = 0) -> None:
@@ -219,6 +233,9 @@ def serve(settings: Settings) -> None:
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
     stop = _stop_event_on_signals()
+    # SIGHUP (reload the policy) goes on to every worker.
+    signal.signal(signal.SIGHUP, lambda *_: [os.kill(worker.pid, signal.SIGHUP) for worker in workers
+                                             if worker.pid and worker.is_alive()])
     workers = [context.Process(target=_worker_main, args=(worker_settings, ready, index), daemon=True)
                for index in range(settings.workers)]
     for worker in workers:

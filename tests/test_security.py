@@ -498,3 +498,40 @@ def test_no_secret_pin_or_card_number_reaches_logs_errors_the_database_or_the_au
     for value in (secret, secret.hex().encode(), pin.encode(), card.encode()):
         assert value.decode() not in text, value
         assert value not in stored, value
+
+
+def test_sighup_reloads_the_policy_of_a_running_server(token, tmp_path, merchant):
+    import signal
+    import time
+
+    from tests.servers import start_keysvc_server, stop_keysvc_server
+
+    pki = tmp_path / "pki"
+    make_dev_pki(pki)
+    server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log", extra_args=(
+        "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
+        "--tls-client-ca", str(pki / "ca.crt"), "--policy", str(pki / "policy.toml")))
+    address = "localhost:" + server.address.rpartition(":")[2]
+    request = keys_pb2.ListKeysRequest()
+    try:
+        with channel_as(address, pki, "client-key-admin") as channel:
+            stub = keys_pb2_grpc.KeyServiceStub(channel)
+            before = code_of(stub.ListKeys, request)
+            policy = (pki / "policy.toml").read_text()
+            (pki / "policy.toml").write_text(policy.replace('roles = ["key-admin"]', 'roles = ["auditor"]'))
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            after = before
+            while after == grpc.StatusCode.OK and time.monotonic() < deadline:
+                time.sleep(0.1)
+                after = code_of(stub.ListKeys, request)
+            (pki / "policy.toml").write_text("not toml [")  # a broken file keeps the policy in force
+            server.process.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            still = code_of(stub.ListKeys, request)
+    finally:
+        stop_keysvc_server(server)
+
+    assert before == grpc.StatusCode.OK
+    assert after == still == grpc.StatusCode.PERMISSION_DENIED
+    assert "policy not reloaded" in server.log()
