@@ -9,7 +9,7 @@ LISTEN ?= 127.0.0.1:50051
 WORKERS ?= 1
 export SOFTHSM2_CONF := $(DATA)/softhsm2.conf
 
-.PHONY: run test bench deps venv proto proto-check token pki clean
+.PHONY: run test bench soak deps venv proto proto-check token pki clean
 
 run: venv proto token pki
 	KEYSVC_HSM_PIN_FILE=$(DATA)/pin $(VENV)/bin/keysvc serve --listen $(LISTEN) --workers $(WORKERS) \
@@ -22,6 +22,11 @@ test: venv proto-check
 
 bench: venv proto
 	$(VENV)/bin/python bench/bench.py
+
+# MINUTES of mixed traffic: errors, p99 latency and server memory every 10 s.
+MINUTES ?= 5
+soak: venv proto
+	$(VENV)/bin/python bench/bench.py --soak $(MINUTES)
 
 # Debian packages: SoftHSM2 (the HSM), venv support for Python, and a PostgreSQL server
 # for the store tests when none is installed (the tests use the one on 127.0.0.1:5432

@@ -154,6 +154,21 @@ class Server:
                 total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         return total
 
+    def rss_bytes(self) -> int:
+        """Resident memory of every live process of the server's process group."""
+        total = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.process.pid:
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss(21), in pages
+        return total
+
     def stop(self) -> None:
         if self.process.poll() is None:
             try:
@@ -782,6 +797,93 @@ def print_table(args, seal_cells, echo_cells, batch_cell, raw_cell, scheme_cells
               f"{verdict}")
 
 
+# -- soak -------------------------------------------------------------------------------------------
+
+SOAK_REPORT_EVERY = 10.0
+
+
+async def soak(args, keysvc: Server, progress) -> None:
+    """Mixed traffic for args.soak minutes: unary Seal and Verify, BatchSeal, a SIPS seal,
+    Sign, Tokenize and Detokenize, 8 calls in flight; a row every 10 s."""
+    channel = make_channels(keysvc.address, 1)[0]
+    keys = keys_pb2_grpc.KeyServiceStub(channel)
+    seals = seals_pb2_grpc.SealServiceStub(channel)
+    signing = signing_pb2_grpc.SigningServiceStub(channel)
+    tokens = tokens_pb2_grpc.TokenServiceStub(channel)
+    hmac_key = (await keys.CreateKey(keys_pb2.CreateKeyRequest(
+        merchant_id="soak", name="hmac", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=CALL_TIMEOUT)).key
+    sips_key = (await keys.CreateKey(keys_pb2.CreateKeyRequest(
+        merchant_id="soak", name="sips", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256,
+        platform=keys_pb2.KEY_PLATFORM_SIPS), timeout=CALL_TIMEOUT)).key
+    rsa_key = (await keys.CreateKey(keys_pb2.CreateKeyRequest(
+        merchant_id="soak", name="rsa", purpose=keys_pb2.KEY_PURPOSE_SIGN,
+        algorithm=keys_pb2.KEY_ALGORITHM_RSA_2048), timeout=CALL_TIMEOUT)).key
+    message = os.urandom(MESSAGE_BYTES)
+    sealed = (await seals.Seal(seals_pb2.SealRequest(key_id=hmac_key.key_id, message=message),
+                               timeout=CALL_TIMEOUT)).seal
+    made = await tokens.Tokenize(tokens_pb2.TokenizeRequest(domain="soak", pans=card_numbers(10)),
+                                 timeout=CALL_TIMEOUT)
+    token_values = [result.token.token for result in made.results]
+    calls = [
+        lambda: seals.Seal(seals_pb2.SealRequest(key_id=hmac_key.key_id, message=message), timeout=CALL_TIMEOUT),
+        lambda: seals.Verify(seals_pb2.VerifyRequest(key_id=hmac_key.key_id, message=message, seal=sealed),
+                             timeout=CALL_TIMEOUT),
+        lambda: seals.BatchSeal(seals_pb2.BatchSealRequest(requests=[
+            seals_pb2.SealRequest(key_id=hmac_key.key_id, message=message)] * 50), timeout=CALL_TIMEOUT),
+        lambda: seals.Seal(seals_pb2.SealRequest(key_id=sips_key.key_id, scheme=seals_pb2.SEAL_SCHEME_SIPS_POST,
+                                                 fields=_fields(SIPS_FIELDS)), timeout=CALL_TIMEOUT),
+        lambda: signing.Sign(signing_pb2.SignRequest(
+            key_id=rsa_key.key_id, algorithm=signing_pb2.SIGNATURE_ALGORITHM_RSA_PSS_SHA256, message=message),
+            timeout=CALL_TIMEOUT),
+        lambda: tokens.Tokenize(tokens_pb2.TokenizeRequest(domain="soak", pans=card_numbers(5)),
+                                timeout=CALL_TIMEOUT),
+        lambda: tokens.Detokenize(tokens_pb2.DetokenizeRequest(domain="soak", tokens=token_values),
+                                  timeout=CALL_TIMEOUT),
+    ]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + args.soak * 60
+    window: list[float] = []
+    totals = {"calls": 0, "errors": 0}
+    first_error = [""]
+
+    async def task(index: int) -> None:
+        count = index
+        while loop.time() < end:
+            count += 1
+            started = time.perf_counter()
+            try:
+                await calls[count % len(calls)]()
+            except grpc.RpcError as error:
+                totals["errors"] += 1
+                first_error[0] = first_error[0] or _error_text(error)
+            window.append(time.perf_counter() - started)
+            totals["calls"] += 1
+
+    async def report() -> None:
+        first_rss = keysvc.rss_bytes()
+        print(f"soak: {args.soak:g} min of mixed traffic (Seal, Verify, BatchSeal x50, SIPS seal, Sign RSA-2048, "
+              "Tokenize x5, Detokenize x10), 8 calls in flight")
+        print(f"{'elapsed s':>9} {'calls':>8} {'errors':>6} {'calls/s':>8} {'p99 ms':>7} {'server RSS MB':>13}")
+        started = last = loop.time()
+        while loop.time() < end:
+            await asyncio.sleep(min(SOAK_REPORT_EVERY, max(0.0, end - loop.time())))
+            latencies = sorted(window)
+            window.clear()
+            interval, last = loop.time() - last, loop.time()
+            p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000 if latencies else 0.0
+            print(f"{loop.time() - started:>9.0f} {totals['calls']:>8} {totals['errors']:>6} "
+                  f"{len(latencies) / max(interval, 1e-9):>8.0f} {p99:>7.1f} {keysvc.rss_bytes() / 2**20:>13.1f}",
+                  flush=True)
+        growth = (keysvc.rss_bytes() - first_rss) / 2**20
+        print(f"server memory growth over the soak: {growth:+.1f} MB; errors: {totals['errors']}"
+              + (f" (first: {first_error[0]})" if first_error[0] else ""))
+
+    try:
+        await asyncio.gather(report(), *(task(i) for i in range(8)))
+    finally:
+        await channel.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="keysvc Seal/BatchSeal benchmark (prints a table).")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured duration of each cell")
@@ -796,6 +898,9 @@ def main() -> None:
                         help="unary calls in flight per cell")
     parser.add_argument("--parts", nargs="+", choices=["seals", "tokens"], default=["seals", "tokens"],
                         help="which tables to measure")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="MINUTES",
+                        help="instead of the tables: MINUTES of mixed traffic, reporting errors, p99 latency "
+                             "and server memory every 10 s")
     parser.add_argument("--database", default="",
                         help="keysvc's database URL (default: SQLite in the temporary folder); an empty "
                              "PostgreSQL database is best, the run leaves its rows there")
@@ -835,6 +940,9 @@ def main() -> None:
         keysvc.wait_ready("keysvc serving on ")
         progress(f"token in {tmp}; keysvc on {keysvc.address} ({args.workers} worker(s)), echo on {echo.address}")
 
+        if args.soak:
+            asyncio.run(soak(args, keysvc, progress))
+            return
         if "seals" in args.parts:
             cells = asyncio.run(run_cells(args, keysvc, echo, config_path, pin_path.read_text().strip(), progress))
             print_table(args, *cells)
