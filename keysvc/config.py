@@ -74,6 +74,9 @@ class Settings:
     insecure_loopback: bool = False
     # With TLS: ImportKey, DestroyKeyVersion and ShredTokenDomain need two key-admins.
     dual_control: bool = True
+    # The configuration file these settings came from ('' when none): SIGHUP re-reads
+    # its log level.
+    config_file: str = ""
     # With TLS: items per second per caller identity (0: no limit).
     verify_rate: float = 2000.0
     detokenize_rate: float = 100.0
@@ -331,7 +334,7 @@ def load_settings(
             values[setting.field], sources[setting.field] = _typed_from_text(setting, text), setting.env
     for name, value in (overrides or {}).items():
         values[name], sources[name] = value, _BY_FIELD[name].option if name in _BY_FIELD else "command line"
-    settings = Settings(**values)
+    settings = Settings(**values, config_file=config_path or "")
     if environ.get(PIN_ENV):
         settings, sources["pin"] = replace(settings, pin=environ[PIN_ENV], pin_file=""), PIN_ENV
     elif not settings.pin_file:

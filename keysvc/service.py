@@ -27,7 +27,7 @@ import hsm
 from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
 from keysvc.authz import Policy, PolicyError
-from keysvc.config import ConfigurationError, Settings
+from keysvc.config import LOG_LEVELS, ConfigurationError, Settings, read_file
 from keysvc.health import HealthMonitor, database_check, hsm_check
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager
@@ -170,8 +170,7 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     monitor.start()
     stop = _stop_event_on_signals()
     security = server.keysvc_security
-    if security is not None:
-        signal.signal(signal.SIGHUP, lambda *_: _reload_policy(security.policy, Path(settings.policy)))
+    signal.signal(signal.SIGHUP, lambda *_: _reload(settings, security))
     server.start()
     threading.Thread(
         target=_purge_expired_tokens, args=(services.tokenizer, settings.token_purge_interval, stop),
@@ -188,14 +187,26 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     services.store.close()
 
 
-def _reload_policy(policy: Policy, path: Path) -> None:
-    """SIGHUP: the policy file again; a file that does not load leaves the policy as it was."""
-    try:
-        policy.take(Policy.load(path))
-    except PolicyError as error:
-        log.error("policy not reloaded, the one in force stays: %s", error)
-        return
-    log.info("policy reloaded from %s", path)
+def _reload(settings: Settings, security) -> None:
+    """SIGHUP: the policy file again, and the configuration file's log level. A file that
+    does not load leaves what is in force as it was."""
+    if security is not None:
+        try:
+            security.policy.take(Policy.load(Path(settings.policy)))
+            log.info("policy reloaded from %s", settings.policy)
+        except PolicyError as error:
+            log.error("policy not reloaded, the one in force stays: %s", error)
+    if settings.config_file:
+        try:
+            level = read_file(settings.config_file).get("log_level", settings.log_level)
+        except ConfigurationError as error:
+            log.error("log level not reloaded: %s", error)
+            return
+        if level not in LOG_LEVELS:
+            log.error("log level not reloaded: log.level must be one of %s", ", ".join(LOG_LEVELS))
+            return
+        logging.getLogger().setLevel(level)
+        log.info("log level %s", level)
 
 
 def _worker_main(settings: Settings, ready, worker_index: int = 0) -> None:

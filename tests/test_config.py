@@ -76,7 +76,7 @@ def test_every_setting_is_read_from_the_file(tmp_path, pin_file):
         max_message_bytes=1048576, max_seal_message_bytes=8192, max_batch_items=100,
         metrics_listen="127.0.0.1:9464", log_format="json", log_level="WARNING", log_access="all",
         health_interval=0.5, health_timeout=2.0, allow_detokenize=True, token_purge_interval=30.0,
-        insecure_loopback=True,
+        insecure_loopback=True, config_file=path,
     )
     assert sources["workers"] == path and sources["pin"] == "the file named by hsm.pin_file"
 
@@ -197,3 +197,21 @@ def test_serve_takes_its_settings_from_the_file_and_its_options_still_win(token,
     assert not server.address.endswith(":1")
     lines = server.log().splitlines()
     assert lines and all(line.startswith('{"time": ') for line in lines)
+
+
+def test_sighup_applies_the_configuration_files_log_level(token, tmp_path):
+    import signal
+    import time
+
+    path = write(tmp_path, '[log]\nlevel = "WARNING"\n')
+    server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log",
+                                 extra_args=("--config", path))
+    try:
+        write(tmp_path, '[log]\nlevel = "DEBUG"\n')
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "log level DEBUG" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop_keysvc_server(server)
+    assert "log level DEBUG" in server.log()
