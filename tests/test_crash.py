@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 import traceback
 from pathlib import Path
 
@@ -23,8 +24,18 @@ DOMAIN = "crash-shop"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _victim(token, database_url: str, merchant: str, ready) -> None:
-    """Rotations, key creations and tokenizations as fast as it can, forever."""
+def _victim(token, database_url: str, merchant: str, ready, failures) -> None:
+    """Rotations, key creations and tokenizations as fast as it can, forever (a failure
+    goes to `failures`: a victim must only ever die of the kill)."""
+    try:
+        _victim_loop(token, database_url, merchant, ready)
+    except BaseException:  # noqa: BLE001
+        failures.put(traceback.format_exc())
+        raise
+
+
+def _victim_loop(token, database_url: str, merchant: str, ready) -> None:
+    from keysvc.errors import Unavailable
     from keysvc.keyring import KeyRing
     from keysvc.keys import KeyManager
     from keysvc.model import KeyAlgorithm, KeyPurpose
@@ -40,10 +51,15 @@ def _victim(token, database_url: str, merchant: str, ready) -> None:
     count = 0
     while True:
         count += 1
-        keys.rotate_key(f"{merchant}/k{count % 3}")
-        tokenizer.tokenize(TokenizeRequest(DOMAIN, tuple(random_pan() for _ in range(20))))
-        if count % 5 == 0:
-            keys.create_key(merchant, f"n{os.getpid()}-{count}", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+        try:
+            keys.rotate_key(f"{merchant}/k{count % 3}")
+            tokenizer.tokenize(TokenizeRequest(DOMAIN, tuple(random_pan() for _ in range(20))))
+            if count % 5 == 0:
+                keys.create_key(merchant, f"n{os.getpid()}-{count}", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256)
+        except Unavailable:
+            # As a serving worker would answer UNAVAILABLE and go on: SoftHSM sometimes
+            # cannot find the token for a moment after a process was killed mid-call.
+            time.sleep(0.02)
 
 
 def _check_keys(keys, merchant: str) -> None:
@@ -82,16 +98,18 @@ def _crash_loop(config_path: str, pin: str, database_url: str, results) -> None:
         tokenizer = Tokenizer(token, TokenStore(store.engine), detokenize_allowed=True)
         tokenizer.tokenize(TokenizeRequest(DOMAIN, (random_pan(),)))
         context = multiprocessing.get_context("fork")
+        failures = context.Queue()
         rng = random.Random(20261127)
         for _kill in range(KILLS):
             ready = context.Event()
-            victim = context.Process(target=_victim, args=(token, database_url, merchant, ready))
+            victim = context.Process(target=_victim, args=(token, database_url, merchant, ready, failures))
             victim.start()
             assert ready.wait(30), "the worker did not start"
             victim.join(rng.uniform(0.0, 0.25))
-            os.kill(victim.pid, signal.SIGKILL)
+            if victim.is_alive():
+                os.kill(victim.pid, signal.SIGKILL)
             victim.join(10)
-            assert victim.exitcode == -signal.SIGKILL
+            assert victim.exitcode == -signal.SIGKILL, failures.get(timeout=5)
             _check_keys(keys, merchant)
         with store.engine.connect() as connection:
             stored = connection.execute(
