@@ -25,13 +25,15 @@ from datetime import datetime, timezone
 LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Fields an event may carry (logging's `extra`), in the order they are shown.
-EVENT_FIELDS = ("request_id", "rpc", "status", "duration_ms", "peer")
+EVENT_FIELDS = ("request_id", "identity", "rpc", "status", "duration_ms", "peer")
 
 # Greedy from the leftmost digit, so a match is always a whole run: no lookarounds
 # needed (they doubled the cost of every log line).
 # The id of the call this thread is serving (set by the rpc layer's interceptor): every
 # record made during the call carries it, whichever logger made it.
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("keysvc_request_id", default=None)
+# The caller's identity (set by the rpc layer's auth interceptor), for access events.
+current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("keysvc_identity", default="")
 
 _PAN_LIKE = re.compile(r"[0-9](?:[ -]?[0-9]){11,}")
 _SECRET_ASSIGNMENT = re.compile(

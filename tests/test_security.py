@@ -535,3 +535,17 @@ def test_sighup_reloads_the_policy_of_a_running_server(token, tmp_path, merchant
     assert before == grpc.StatusCode.OK
     assert after == still == grpc.StatusCode.PERMISSION_DENIED
     assert "policy not reloaded" in server.log()
+
+
+def test_access_events_name_the_caller(secure_server, pki, merchant, caplog):
+    import logging
+
+    address, _trail = secure_server
+    with caplog.at_level(logging.INFO):
+        with channel_as(address, pki, "client-gateway") as channel:
+            code = code_of(keys_pb2_grpc.KeyServiceStub(channel).RotateKey,
+                           keys_pb2.RotateKeyRequest(key_id=f"{merchant}/k"))
+
+    events = [record for record in caplog.records if getattr(record, "rpc", "").endswith("RotateKey")]
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert events and events[0].identity == dev_identity("gateway") and events[0].status == "PERMISSION_DENIED"

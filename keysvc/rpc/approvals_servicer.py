@@ -8,7 +8,7 @@ from google.protobuf import any_pb2
 
 from keysvc.approvals import Approvals, PendingOperation
 from keysvc.errors import FailedPrecondition
-from keysvc.rpc.auth import current_identity
+from keysvc.logs import current_identity
 from keysvc.rpc.convert import timestamp
 from keysvc.rpc.errors import translated
 from keysvc.v1 import approvals_pb2, approvals_pb2_grpc

@@ -11,7 +11,6 @@ every call is allowed and recorded as made by "insecure-loopback".
 
 from __future__ import annotations
 
-import contextvars
 import logging
 
 import grpc
@@ -28,7 +27,7 @@ from keysvc.authz import (
     Scope,
 )
 from keysvc.limits import RateLimited, RateLimiter
-from keysvc.logs import current_request_id
+from keysvc.logs import current_identity, current_request_id
 from keysvc.pki import identity_of
 from keysvc.rpc.errors import rich_status
 
@@ -37,8 +36,6 @@ log = logging.getLogger("keysvc.auth")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 INSECURE_IDENTITY = "insecure-loopback"
 NO_DEADLINE_SECONDS = 24 * 3600
-# The identity of the call being served, for servicers that need it (approvals).
-current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("keysvc_identity", default="")
 
 
 def scope_of(request) -> Scope:
@@ -154,6 +151,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         scope = scope_of(request)
         target = _target(scope, request)
         identity = self._identity(context)
+        current_identity.set(identity or "unauthenticated")  # the access log and approvals read it
         if identity is None:
             self._refuse(context, errors.Unauthenticated("a client certificate from the keysvc CA is required"),
                          "unauthenticated", method, target, request_id)

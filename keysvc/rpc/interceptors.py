@@ -19,7 +19,7 @@ import grpc
 
 from keysvc import metrics
 from keysvc.config import ACCESS_LOG_MODES
-from keysvc.logs import current_request_id
+from keysvc.logs import current_identity, current_request_id
 
 access_log = logging.getLogger("keysvc.access")
 
@@ -116,6 +116,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         if wanted and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s", rpc, status,
-                extra={"request_id": request_id, "rpc": rpc, "status": status,
+                extra={"request_id": request_id, "identity": current_identity.get() or None, "rpc": rpc,
+                       "status": status,
                        "duration_ms": round(seconds * 1000, 3), "peer": context.peer()},
             )
