@@ -47,10 +47,11 @@ def _victim_loop(token, database_url: str, merchant: str, ready) -> None:
     store = KeyStore.open(database_url, run_migrations=False)
     keys = KeyManager(token, store, KeyRing(token, store))
     tokenizer = Tokenizer(token, TokenStore(store.engine), detokenize_allowed=True)
-    ready.set()
     count = 0
     while True:
         count += 1
+        if count == 2:
+            ready.set()  # one whole round done: the kill comes at a random point from here
         try:
             keys.rotate_key(f"{merchant}/k{count % 3}")
             tokenizer.tokenize(TokenizeRequest(DOMAIN, tuple(random_pan() for _ in range(20))))
@@ -104,7 +105,7 @@ def _crash_loop(config_path: str, pin: str, database_url: str, results) -> None:
             ready = context.Event()
             victim = context.Process(target=_victim, args=(token, database_url, merchant, ready, failures))
             victim.start()
-            assert ready.wait(30), "the worker did not start"
+            assert ready.wait(60), "the worker did not start"
             victim.join(rng.uniform(0.0, 0.25))
             if victim.is_alive():
                 os.kill(victim.pid, signal.SIGKILL)
