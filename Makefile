@@ -11,11 +11,12 @@ export SOFTHSM2_CONF := $(DATA)/softhsm2.conf
 
 .PHONY: run test bench soak deps venv proto proto-check token pki clean
 
+# The development profile: mutual TLS with the development PKI, one key-admin, so no dual control.
 run: venv proto token pki
 	KEYSVC_HSM_PIN_FILE=$(DATA)/pin $(VENV)/bin/keysvc serve --listen $(LISTEN) --workers $(WORKERS) \
 	  --database sqlite:///$(DATA)/keysvc.db --token-label $(TOKEN_LABEL) \
 	  --tls-cert $(DATA)/pki/server.crt --tls-key $(DATA)/pki/server.key --tls-client-ca $(DATA)/pki/ca.crt \
-	  --policy $(DATA)/pki/policy.toml
+	  --policy $(DATA)/pki/policy.toml --no-dual-control
 
 test: venv proto-check
 	$(VENV)/bin/python -m pytest
