@@ -160,16 +160,16 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
         reuse_port=settings.workers > 1,
         access_log=settings.log_access,
     )
+    security = security_of(settings)
     server, port, health_servicer = create_server(
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
         tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon, audit_trail=services.audit_trail,
-        security=security_of(settings),
+        security=security,
         approvals=Approvals(services.store.engine) if settings.dual_control else None,
         limiter=RateLimiter({"verify": Rate.of(settings.verify_rate), "detokenize": Rate.of(settings.detokenize_rate)}),
     )
     monitor.start()
     stop = _stop_event_on_signals()
-    security = server.keysvc_security
     signal.signal(signal.SIGHUP, lambda *_: _reload(settings, security))
     server.start()
     threading.Thread(

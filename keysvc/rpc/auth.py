@@ -159,8 +159,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
             decision = self._policy.decide(identity, method, scope)
             if not decision.allowed:
                 self._refuse(context, errors.PermissionDenied(decision.reason), identity, method, target, request_id)
-        current_identity.set(identity)
-        if self._policy is not None:
             self._check_limits(context, identity, method, request, target, request_id)
         if self._approvals is not None and method in DUAL_CONTROL_METHODS:
             self._ask_for_approval(context, identity, method, request, target, request_id)

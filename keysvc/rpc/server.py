@@ -168,7 +168,6 @@ def create_server(
             (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     _SERVED[health_servicer] = service_names
-    server.keysvc_security = security  # for SIGHUP: the policy reloads in place
     return server, listen(server, address, security.credentials if security else None), health_servicer
 
 
