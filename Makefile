@@ -9,7 +9,7 @@ LISTEN ?= 127.0.0.1:50051
 WORKERS ?= 1
 export SOFTHSM2_CONF := $(DATA)/softhsm2.conf
 
-.PHONY: run test bench soak deps venv proto proto-check token pki clean
+.PHONY: run test bench soak fuzz deps venv proto proto-check token pki clean
 
 # The development profile: mutual TLS with the development PKI, one key-admin, so no dual control.
 run: venv proto token pki
@@ -28,6 +28,13 @@ bench: venv proto
 MINUTES ?= 5
 soak: venv proto
 	$(VENV)/bin/python bench/bench.py --soak $(MINUTES)
+
+# SECONDS of coverage-guided fuzzing (atheris) of the seal canonicalisation and card number
+# parsing; new inputs are kept in fuzz/corpus, a crash's input is written to fuzz/crash-*.
+SECONDS ?= 60
+fuzz: venv
+	mkdir -p fuzz/corpus
+	$(VENV)/bin/python fuzz/fuzz_parsers.py -max_total_time=$(SECONDS) -timeout=10 -artifact_prefix=fuzz/ fuzz/corpus
 
 # Debian packages: SoftHSM2 (the HSM), venv support for Python, and a PostgreSQL server
 # for the store tests when none is installed (the tests use the one on 127.0.0.1:5432

@@ -6,13 +6,22 @@ It knows keys, mechanisms and sessions, and nothing of payments.
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
+    HsmKeyCheckFailed,
     HsmKeyNotPreserved,
     HsmKeyRejected,
     HsmStaleHandle,
     HsmUnavailable,
     HsmUnwrapFailed,
 )
-from hsm.token import DEFAULT_MODULE_PATH, Digest, Hsm, HsmConfig, RsaPadding, SecretKeyHandle
+from hsm.token import (
+    DEFAULT_MODULE_PATH,
+    Digest,
+    Hsm,
+    HsmConfig,
+    RsaPadding,
+    SecretKeyHandle,
+    WrappedSharedKeys,
+)
 
 __all__ = [
     "DEFAULT_MODULE_PATH",
@@ -21,6 +30,7 @@ __all__ = [
     "HsmConfig",
     "HsmConfigurationError",
     "HsmError",
+    "HsmKeyCheckFailed",
     "HsmKeyNotPreserved",
     "HsmKeyRejected",
     "HsmStaleHandle",
@@ -28,4 +38,5 @@ __all__ = [
     "HsmUnwrapFailed",
     "RsaPadding",
     "SecretKeyHandle",
+    "WrappedSharedKeys",
 ]

@@ -27,3 +27,13 @@ class HsmUnwrapFailed(HsmError):
 
 class HsmStaleHandle(HsmError):
     """A key handle from before the module was re-initialised (after a fork)."""
+
+
+class HsmKeyCheckFailed(HsmError):
+    """A key that entered the HSM does not have the check value it must have (a wrong
+    backup component, a master key from another deployment); it was not kept."""
+
+
+class HsmBusy(HsmUnavailable):
+    """The process's PKCS#11 lock was not free before the call's deadline: another call
+    holds the HSM (a long batch, or a module call that hangs)."""

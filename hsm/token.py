@@ -10,11 +10,18 @@ Facts this module is built on (measured on SoftHSM2 2.6.1, see shared/HSM-NOTES.
   made before the fork are then stale.
 - Looking keys up by label is slow: token keys are found once, at connect time;
   merchant keys are unwrapped into session objects and used by handle.
+
+What the token holds: only the master key (AES-256, wrap/unwrap), the one key the
+HSMs of a deployment share. The other keys every replica needs (the binding key and
+the import key pair) are made in the HSM, wrapped under the master key and kept by
+the caller (keysvc stores them in its database); `install_shared_keys` unwraps them
+into session objects. This module knows nothing of where they are stored.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import threading
 import time
@@ -27,12 +34,14 @@ from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
-from pkcs11.util.rsa import encode_rsa_public_key
+from pkcs11.util.rsa import decode_rsa_public_key, encode_rsa_public_key
 
+from hsm.deadline import acquired
 from hsm.direct import CKR_KEY_SIZE_RANGE, DirectCipher, DirectSigner, DirectSignError
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
+    HsmKeyCheckFailed,
     HsmKeyNotPreserved,
     HsmKeyRejected,
     HsmStaleHandle,
@@ -44,9 +53,33 @@ DEFAULT_MODULE_PATH = "/usr/lib/softhsm/libsofthsm2.so"
 
 # Labels of the token objects keysvc owns. The "-1" leaves room for a new generation.
 MASTER_KEY_LABEL = "keysvc-master-1"
+# Tokens made before the shared keys moved into the database held these as token
+# objects; they are still used when a database has no shared keys of its own.
 BINDING_KEY_LABEL = "keysvc-binding-1"
 IMPORT_KEY_LABEL = "keysvc-import-1"
 IMPORT_KEY_BITS = 3072
+# A replica being enrolled receives the master key under an RSA transport key pair of
+# its own HSM (the private half a token object that only unwraps), labelled with this
+# prefix and the enrollment's name.
+TRANSPORT_KEY_LABEL_PREFIX = "keysvc-transport-"
+TRANSPORT_KEY_BITS = 3072
+
+# The master key. SENSITIVE: its value is never readable in plaintext. EXTRACTABLE:
+# it may leave the HSM wrapped, to enroll another replica's HSM (RSA-OAEP to its
+# transport key) or for a backup (under a backup key split among custodians).
+# On a production HSM one would also set CKA_WRAP_WITH_TRUSTED, so that it can be
+# wrapped only under keys the security officer marked CKA_TRUSTED (the transport
+# and backup keys): then no user session can wrap it under a key of its own choice.
+# SoftHSM's user sessions cannot mark keys trusted, so it is not set here.
+_MASTER_KEY_TEMPLATE = {
+    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+    Attribute.WRAP: True, Attribute.UNWRAP: True,
+    Attribute.ENCRYPT: False, Attribute.DECRYPT: False,
+    Attribute.SIGN: False, Attribute.VERIFY: False,
+}
+# The master key check value (see master_key_check_value): RFC 3394 AES key wrap (no
+# padding, deterministic) of this all-zero AES-256 key under the master key.
+_CHECK_VALUE_KEY = bytes(32)
 
 # An exact secret (see envelope_imported_secret) travels in an envelope: this marker,
 # the length of the wrapped one-off private key (2 bytes), that key, then the secret
@@ -152,6 +185,22 @@ class HsmConfig:
     module_path: str = DEFAULT_MODULE_PATH
 
 
+@dataclass(frozen=True)
+class WrappedSharedKeys:
+    """The keys every HSM of a deployment uses besides the master key, as
+    make_shared_keys returns them: wrapped under the master key
+    (CKM_AES_KEY_WRAP_PAD), so that only an HSM holding the master opens them.
+
+    binding_key: HMAC-SHA256 key binding stored records to their metadata.
+    import_private_key: RSA-3072 private key that unwraps secrets sent for import.
+    import_public_key: its public half, DER RSAPublicKey (PKCS#1).
+    """
+
+    binding_key: bytes = field(repr=False)
+    import_private_key: bytes = field(repr=False)
+    import_public_key: bytes = field(repr=False)
+
+
 class RsaPadding(enum.Enum):
     """The RSA signature schemes: PKCS#1 v1.5, and PSS with MGF1 and salt = digest length."""
 
@@ -204,9 +253,15 @@ class Hsm:
         self.generation = 0
         self._session: pkcs11.Session | None = None
         self._master_key = None
+        # The shared keys in use (session objects), from install_shared_keys, or the
+        # token objects of a token made before shared keys (use_token_held_shared_keys).
         self._binding_key = None
         self._import_private_key = None
         self._import_public_der = b""
+        # What was installed, so that the session objects are made again after the
+        # module is re-initialised (recovery, fork).
+        self._shared_keys: WrappedSharedKeys | None = None
+        self._token_held_shared_keys = False
         self._direct: DirectSigner | None = None
         self._direct_cipher: DirectCipher | None = None
         # Set by a failure that needs the module and session re-opened before the next call.
@@ -255,12 +310,18 @@ class Hsm:
         self._find_token_keys()
 
     def _find_token_keys(self) -> None:
-        """Finds keysvc's token keys by label (slow: at start and on recovery only)."""
+        """Finds the master key by label (slow: at start and on recovery only) and makes
+        the installed shared keys' session objects again."""
         self._master_key = self._find_key(ObjectClass.SECRET_KEY, MASTER_KEY_LABEL)
-        self._binding_key = self._find_key(ObjectClass.SECRET_KEY, BINDING_KEY_LABEL)
-        self._import_private_key = self._find_key(ObjectClass.PRIVATE_KEY, IMPORT_KEY_LABEL)
-        public = self._find_key(ObjectClass.PUBLIC_KEY, IMPORT_KEY_LABEL)
-        self._import_public_der = encode_rsa_public_key(public) if public is not None else b""
+        self._binding_key = self._import_private_key = None
+        self._import_public_der = b""
+        if self._token_held_shared_keys:
+            self._find_token_held_shared_keys()
+        elif self._shared_keys is not None and self._master_key is not None:
+            try:
+                self._unwrap_shared_keys(self._shared_keys)
+            except (p11.PKCS11Error, HsmError):
+                self._binding_key = self._import_private_key = None  # recovery tries again
         self._direct = self._checked_direct_signer()
         self._direct_cipher = self._checked_direct_cipher()
 
@@ -340,9 +401,11 @@ class Hsm:
         if time.monotonic() < self._next_recovery:
             raise HsmUnavailable("recovering from an HSM failure")
         had_token_keys = self._master_key is not None
+        had_shared_keys = self._binding_key is not None
         try:
             self._open()
-            recovered = self._master_key is not None or not had_token_keys
+            recovered = ((self._master_key is not None or not had_token_keys)
+                         and (self._binding_key is not None or not had_shared_keys))
         except (HsmError, p11.PKCS11Error):
             recovered = False
         if not recovered:
@@ -364,7 +427,7 @@ class Hsm:
     @contextmanager
     def _locked(self) -> Iterator[pkcs11.Session]:
         """Serialises a PKCS#11 call and translates module errors to HsmError."""
-        with _PROCESS_LOCK:
+        with acquired(_PROCESS_LOCK):  # bounded by the call's deadline (hsm/deadline.py)
             if self._pid != os.getpid():
                 self._open()
             elif self._recovering:
@@ -388,57 +451,324 @@ class Hsm:
             raise HsmStaleHandle("key handle predates the module's re-initialisation")
         return handle._key
 
-    # -- token keys -----------------------------------------------------------------
+    # -- the master key --------------------------------------------------------------
+    #
+    # The one key a token holds for keysvc. Every other key is wrapped under it.
+
+    @property
+    def has_master_key(self) -> bool:
+        """Whether the token holds a keysvc master key."""
+        with self._locked():
+            return self._master_key is not None
+
+    def ensure_master_key(self) -> bool:
+        """Creates the master key (AES-256, token object) unless the token holds one;
+        returns whether it did. Callers on one host take turns (see keysvc.service)."""
+        with self._locked() as session:
+            if self._master_key is not None:
+                return False
+            self._master_key = session.generate_key(
+                KeyType.AES, 256, label=MASTER_KEY_LABEL, store=True, template=_MASTER_KEY_TEMPLATE)
+            return True
+
+    def master_key_check_value(self) -> str:
+        """The master key's check value: 6 upper-case hex digits, the first 3 bytes of
+        SHA-256 over the RFC 3394 AES key wrap (CKM_AES_KEY_WRAP, deterministic) of an
+        all-zero AES-256 key under the master key. The master only wraps and unwraps,
+        so the usual KCV (encrypting a zero block) is not available; this one is the
+        same for the same key in any HSM and shows nothing of it.
+
+        Raises HsmConfigurationError when the token holds no master key."""
+        with self._locked():
+            self._require_token_keys()
+            return self._check_value_of(self._master_key)
+
+    def _check_value_of(self, master: pkcs11.SecretKey) -> str:
+        # Called under the lock.
+        zero_key = self._session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: _CHECK_VALUE_KEY, Attribute.TOKEN: False,
+            Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
+        })
+        try:
+            wrapped = master.wrap_key(zero_key, mechanism=Mechanism.AES_KEY_WRAP)
+        finally:
+            zero_key.destroy()
+        return hashlib.sha256(wrapped).digest()[:3].hex().upper()
+
+    def _require_extractable_master(self) -> None:
+        # Called under the lock.
+        self._require_token_keys()
+        if not self._master_key[Attribute.EXTRACTABLE]:
+            raise HsmConfigurationError(
+                "this token's master key is not extractable (it was made before enrollment and backup existed), "
+                "so it cannot be delivered to another HSM nor backed up: make a new deployment's master key, or "
+                "keep this token as the only one")
+
+    def _require_no_master_key(self) -> None:
+        # Called under the lock.
+        if self._master_key is not None:
+            raise HsmConfigurationError("the token already holds a keysvc master key")
+
+    def _take_master_key(self, master: pkcs11.SecretKey, expected_check_value: str) -> str:
+        """Keeps a master key just unwrapped into the token if it has the expected check
+        value; otherwise destroys it and raises HsmKeyCheckFailed. Called under the lock."""
+        check_value = self._check_value_of(master)
+        if check_value != expected_check_value.upper():
+            master.destroy()
+            raise HsmKeyCheckFailed(
+                f"the master key received has check value {check_value}, not {expected_check_value.upper()}: "
+                "it was not kept")
+        self._master_key = master
+        return check_value
+
+    # -- shared keys -----------------------------------------------------------------
+    #
+    # The binding key and the import key pair are the same on every HSM of a
+    # deployment: made once, in an HSM, and kept wrapped under the master key.
+
+    def make_shared_keys(self) -> WrappedSharedKeys:
+        """Generates a binding key (HMAC-SHA256) and an import key pair (RSA-3072) in the
+        HSM and returns them wrapped under the master key; nothing is kept or installed."""
+        with self._locked() as session:
+            self._require_token_keys()
+            binding = session.generate_key(
+                KeyType.GENERIC_SECRET, 256, store=False,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                          Attribute.SIGN: True, Attribute.VERIFY: False},
+            )
+            try:
+                wrapped_binding = self._master_key.wrap_key(binding, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            finally:
+                binding.destroy()
+            public, private = session.generate_keypair(
+                KeyType.RSA, IMPORT_KEY_BITS, store=False,
+                public_template={Attribute.ENCRYPT: True, Attribute.WRAP: True, Attribute.VERIFY: False},
+                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.UNWRAP: True,
+                                  Attribute.DECRYPT: False, Attribute.SIGN: False},
+            )
+            try:
+                return WrappedSharedKeys(
+                    wrapped_binding, self._master_key.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD),
+                    encode_rsa_public_key(public))
+            finally:
+                public.destroy()
+                private.destroy()
+
+    def install_shared_keys(self, shared: WrappedSharedKeys) -> None:
+        """Unwraps the shared keys into non-extractable session objects that bind() and
+        the import methods use from now on (again after every re-initialisation).
+        Installing the keys already installed does nothing.
+
+        Raises HsmUnwrapFailed when they were not wrapped under this token's master key."""
+        with self._locked():
+            self._require_token_keys()
+            if shared == self._shared_keys and self._binding_key is not None:
+                return
+            previous = (self._binding_key, self._import_private_key) if not self._token_held_shared_keys else ()
+            self._unwrap_shared_keys(shared)
+            self._shared_keys, self._token_held_shared_keys = shared, False
+            for key in previous:
+                if key is not None:
+                    key.destroy()
+
+    def _unwrap_shared_keys(self, shared: WrappedSharedKeys) -> None:
+        # Called under the lock; leaves the keys in use unchanged when it fails.
+        binding = self._unwrap_for_use(shared.binding_key)
+        try:
+            with _general_error_means_bad_wrapping():
+                private = self._master_key.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, KeyType.RSA, shared.import_private_key,
+                    mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
+                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.SIGN: DEFAULT, Attribute.VERIFY: DEFAULT, **_NO_EXTRA_CAPABILITIES,
+                              Attribute.UNWRAP: True},
+                )
+        except BaseException:
+            binding.destroy()
+            raise
+        self._binding_key, self._import_private_key = binding, private
+        self._import_public_der = shared.import_public_key
+
+    @property
+    def installed_shared_keys(self) -> WrappedSharedKeys | None:
+        """The shared keys install_shared_keys installed in this process, if any."""
+        return self._shared_keys
+
+    @property
+    def has_token_held_shared_keys(self) -> bool:
+        """Whether the token holds a binding key and import key pair as token objects
+        (tokens made before the shared keys moved out of the token)."""
+        with self._locked():
+            return (self._find_key(ObjectClass.SECRET_KEY, BINDING_KEY_LABEL) is not None
+                    and self._find_key(ObjectClass.PRIVATE_KEY, IMPORT_KEY_LABEL) is not None)
+
+    def use_token_held_shared_keys(self) -> None:
+        """Uses the token's own binding key and import key pair (an older token, whose
+        records are bound with them) instead of installed shared keys. Such a token
+        cannot share a database with another HSM. Raises HsmConfigurationError when
+        the token holds none."""
+        with self._locked():
+            self._require_token_keys()
+            self._find_token_held_shared_keys()
+            if self._binding_key is None or self._import_private_key is None:
+                raise HsmConfigurationError("the token holds no binding key and import key pair of its own")
+            self._shared_keys, self._token_held_shared_keys = None, True
+
+    def _find_token_held_shared_keys(self) -> None:
+        self._binding_key = self._find_key(ObjectClass.SECRET_KEY, BINDING_KEY_LABEL)
+        self._import_private_key = self._find_key(ObjectClass.PRIVATE_KEY, IMPORT_KEY_LABEL)
+        public = self._find_key(ObjectClass.PUBLIC_KEY, IMPORT_KEY_LABEL)
+        self._import_public_der = encode_rsa_public_key(public) if public is not None else b""
 
     def ensure_token_keys(self) -> None:
-        """Creates, once per token, the keys keysvc keeps as token objects.
-
-        The master key-encryption key (AES-256) wraps every merchant key; the binding
-        key (HMAC-SHA256) binds a wrapped key to its metadata; the import key pair
-        (RSA-3072, OAEP) protects secrets in transit to the HSM. None is extractable.
-        """
-        with self._locked() as session:
-            if self._master_key is None:
-                self._master_key = session.generate_key(
-                    KeyType.AES, 256, label=MASTER_KEY_LABEL, store=True,
-                    template={
-                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                        Attribute.WRAP: True, Attribute.UNWRAP: True,
-                        Attribute.ENCRYPT: False, Attribute.DECRYPT: False,
-                        Attribute.SIGN: False, Attribute.VERIFY: False,
-                    },
-                )
-            if self._binding_key is None:
-                self._binding_key = session.generate_key(
-                    KeyType.GENERIC_SECRET, 256, label=BINDING_KEY_LABEL, store=True,
-                    template={
-                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                        Attribute.SIGN: True, Attribute.VERIFY: False,
-                    },
-                )
-            if self._import_private_key is None:
-                public, self._import_private_key = session.generate_keypair(
-                    KeyType.RSA, IMPORT_KEY_BITS, label=IMPORT_KEY_LABEL, store=True,
-                    public_template={
-                        Attribute.ENCRYPT: True, Attribute.WRAP: True, Attribute.VERIFY: False,
-                    },
-                    private_template={
-                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                        Attribute.UNWRAP: True, Attribute.DECRYPT: False, Attribute.SIGN: False,
-                    },
-                )
-                self._import_public_der = encode_rsa_public_key(public)
+        """For a token used alone, by one process (tests, tools): creates the master key
+        if missing and, unless shared keys are installed, makes and installs new ones
+        (kept by this process only). A service gets its shared keys from its database
+        instead (keysvc.deployment), so that every replica has the same."""
+        self.ensure_master_key()
+        if self._shared_keys is None and not self._token_held_shared_keys:
+            self.install_shared_keys(self.make_shared_keys())
 
     def _require_token_keys(self) -> None:
-        if self._master_key is None or self._binding_key is None:
-            raise HsmConfigurationError("the token has no keysvc master key: run token set-up first")
+        if self._master_key is None:
+            raise HsmConfigurationError(
+                "the token has no keysvc master key (the first replica's keysvc serve makes one; another "
+                "replica's token gets it by keysvc replica enroll or keysvc master-key restore)")
+
+    def _require_shared_keys(self) -> None:
+        self._require_token_keys()
+        if self._binding_key is None or self._import_private_key is None:
+            raise HsmConfigurationError("no shared keys are installed (keysvc installs them from its database at start)")
 
     @property
     def import_public_key_der(self) -> bytes:
         """The import key's public half, DER RSAPublicKey (PKCS#1)."""
         if not self._import_public_der:
-            raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+            raise HsmConfigurationError("no shared keys are installed (keysvc installs them from its database at start)")
         return self._import_public_der
+
+    # -- enrollment: the master key to another HSM ----------------------------------------
+    #
+    # The new replica's HSM makes an RSA transport key pair whose private half only
+    # unwraps and never leaves it; an HSM holding the master key wraps the master to the
+    # public half (RSA-OAEP with SHA-1 and MGF1-SHA-1, the only OAEP SoftHSM unwraps);
+    # the new HSM unwraps it into a token object. The master is never in plaintext
+    # outside an HSM.
+
+    def generate_transport_key(self, label: str) -> bytes:
+        """Makes an RSA-3072 transport key pair as token objects labelled `label` (the
+        private half: sensitive, not extractable, unwrap only) on a token without a
+        master key; returns the public half, DER RSAPublicKey (PKCS#1)."""
+        if not label.startswith(TRANSPORT_KEY_LABEL_PREFIX):
+            raise HsmConfigurationError(f"a transport key's label starts with {TRANSPORT_KEY_LABEL_PREFIX!r}")
+        with self._locked() as session:
+            self._require_no_master_key()
+            public, _private = session.generate_keypair(
+                KeyType.RSA, TRANSPORT_KEY_BITS, label=label, store=True,
+                public_template={Attribute.WRAP: True, Attribute.ENCRYPT: False, Attribute.VERIFY: False},
+                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.UNWRAP: True,
+                                  Attribute.DECRYPT: False, Attribute.SIGN: False, Attribute.SIGN_RECOVER: False},
+            )
+            return encode_rsa_public_key(public)
+
+    def has_transport_key(self, label: str) -> bool:
+        with self._locked():
+            return self._find_key(ObjectClass.PRIVATE_KEY, label) is not None
+
+    def destroy_transport_key(self, label: str) -> None:
+        """Destroys the transport key pair labelled `label` (absent halves are ignored)."""
+        with self._locked():
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                key = self._find_key(object_class, label)
+                if key is not None:
+                    key.destroy()
+
+    def wrap_master_key_for_transport(self, transport_public_key: bytes) -> bytes:
+        """The master key wrapped with RSA-OAEP (SHA-1, MGF1-SHA-1) to a transport public
+        key (DER RSAPublicKey), imported for this one wrap as a session object.
+
+        Raises HsmConfigurationError when the master key is not extractable."""
+        public_attributes = decode_rsa_public_key(transport_public_key)
+        with self._locked() as session:
+            self._require_extractable_master()
+            public = session.create_object({
+                **public_attributes, Attribute.TOKEN: False,
+                Attribute.WRAP: True, Attribute.ENCRYPT: False, Attribute.VERIFY: False,
+            })
+            try:
+                return public.wrap_key(self._master_key, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                       mechanism_param=_OAEP_SHA1)
+            finally:
+                public.destroy()
+
+    def receive_master_key(self, transport_label: str, wrapped_master_key: bytes, expected_check_value: str) -> str:
+        """Unwraps a master key sent to the transport key `transport_label` into the
+        token (a token object with a created master's attributes) and returns its check
+        value. A key whose check value is not `expected_check_value` is destroyed
+        (HsmKeyCheckFailed). Raises HsmConfigurationError when the token already holds a
+        master key or has no such transport key, HsmUnwrapFailed when the data was not
+        wrapped to it."""
+        with self._locked():
+            self._require_no_master_key()
+            private = self._find_key(ObjectClass.PRIVATE_KEY, transport_label)
+            if private is None:
+                raise HsmConfigurationError(f"the token has no transport key {transport_label!r}")
+            with _general_error_means_bad_wrapping():
+                master = private.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped_master_key, label=MASTER_KEY_LABEL,
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, store=True,
+                    template=_MASTER_KEY_TEMPLATE,
+                )
+            return self._take_master_key(master, expected_check_value)
+
+    # -- backup: the master key under a backup key --------------------------------------
+    #
+    # The caller brings the backup key's value (keysvc combines it from custodians'
+    # components); it exists in the HSM only as a session object that wraps or unwraps.
+
+    def _backup_key(self, backup_key: bytes, *, wrap: bool) -> pkcs11.SecretKey:
+        # Called under the lock.
+        if len(backup_key) != 32:
+            raise HsmKeyRejected("a backup key is AES-256: 32 bytes")
+        return self._session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: backup_key, Attribute.TOKEN: False,
+            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.WRAP: wrap, Attribute.UNWRAP: not wrap,
+            Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.SIGN: False, Attribute.VERIFY: False,
+        })
+
+    def wrap_master_key_under(self, backup_key: bytes) -> bytes:
+        """The master key wrapped (CKM_AES_KEY_WRAP_PAD) under the AES-256 key of value
+        `backup_key`, which the HSM holds only for this call. Raises
+        HsmConfigurationError when the master key is not extractable."""
+        with self._locked():
+            self._require_extractable_master()
+            key = self._backup_key(backup_key, wrap=True)
+            try:
+                return key.wrap_key(self._master_key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            finally:
+                key.destroy()
+
+    def restore_master_key(self, backup_key: bytes, wrapped_master_key: bytes, expected_check_value: str) -> str:
+        """Unwraps a master key wrapped under the AES-256 key `backup_key` into a token
+        without one, and returns its check value; a key whose check value is not
+        `expected_check_value` is destroyed (HsmKeyCheckFailed). Raises
+        HsmConfigurationError when the token already holds a master key,
+        HsmUnwrapFailed when the backup key is not the one it was wrapped under."""
+        with self._locked():
+            self._require_no_master_key()
+            key = self._backup_key(backup_key, wrap=False)
+            try:
+                with _general_error_means_bad_wrapping():
+                    master = key.unwrap_key(
+                        ObjectClass.SECRET_KEY, KeyType.AES, wrapped_master_key, label=MASTER_KEY_LABEL,
+                        mechanism=Mechanism.AES_KEY_WRAP_PAD, store=True, template=_MASTER_KEY_TEMPLATE,
+                    )
+            finally:
+                key.destroy()
+            return self._take_master_key(master, expected_check_value)
 
     # -- merchant secret keys ------------------------------------------------------------
 
@@ -473,9 +803,7 @@ class Hsm:
         empty), HsmKeyNotPreserved when wrapping would change its tags.
         """
         with self._locked():
-            self._require_token_keys()
-            if self._import_private_key is None:
-                raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+            self._require_shared_keys()
             with _general_error_means_bad_wrapping():
                 secret = self._import_private_key.unwrap_key(
                     ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
@@ -570,9 +898,7 @@ class Hsm:
         and returns it, exactly as sent, in an envelope. Raises HsmUnwrapFailed when the
         data was not wrapped with the import key."""
         with self._locked() as session:
-            self._require_token_keys()
-            if self._import_private_key is None:
-                raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+            self._require_shared_keys()
             with _general_error_means_bad_wrapping():
                 secret = self._import_private_key.unwrap_key(
                     ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, oaep_wrapped_secret,
@@ -671,9 +997,7 @@ class Hsm:
         made or holds no RSA private key."""
         block = IMPORT_KEY_BITS // 8
         with self._locked():
-            self._require_token_keys()
-            if self._import_private_key is None:
-                raise HsmConfigurationError("the token has no keysvc import key: run token set-up first")
+            self._require_shared_keys()
             if len(transport_blob) <= block:
                 raise HsmUnwrapFailed("the wrapped key is too short")
             with _general_error_means_bad_wrapping():
@@ -738,7 +1062,7 @@ class Hsm:
     def exclusive(self) -> Iterator[None]:
         """Holds the process's PKCS#11 lock across several calls, e.g. so that a cached
         handle cannot be released by another thread between looking it up and using it."""
-        with _PROCESS_LOCK:
+        with acquired(_PROCESS_LOCK):
             yield
 
     def release_secret(self, handle: SecretKeyHandle) -> None:
@@ -769,9 +1093,9 @@ class Hsm:
             return [key.sign(message, mechanism=mechanism) for message in messages]
 
     def bind(self, data: bytes) -> bytes:
-        """HMAC-SHA256 of `data` under the token's binding key (ties records to keys)."""
+        """HMAC-SHA256 of `data` under the installed binding key (ties records to keys)."""
         with self._locked():
-            self._require_token_keys()
+            self._require_shared_keys()
             return self._binding_key.sign(data, mechanism=Mechanism.SHA256_HMAC)
 
     # -- AES-256-GCM data keys ---------------------------------------------------------

@@ -10,6 +10,7 @@ at most once even when two admins approve at the same time.
 
 from __future__ import annotations
 
+import contextvars
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -38,6 +39,12 @@ class PendingOperation:
 
     def expired(self, now: datetime) -> bool:
         return self.state == PENDING and now >= self.expires_at
+
+
+# The approved operation running now in this call (set by the approval servicer), so
+# that what it does can name who asked for it as well as who approved it.
+current_approval: contextvars.ContextVar[PendingOperation | None] = contextvars.ContextVar(
+    "keysvc_current_approval", default=None)
 
 
 def _from_row(row) -> PendingOperation:

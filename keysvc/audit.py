@@ -28,6 +28,7 @@ import nacl.signing
 import hsm
 from keysvc.errors import IntegrityError, Unavailable
 from keysvc.keyring import hsm_errors
+from keysvc.metrics import audit_writes_total
 from keysvc.store.audit import AuditRow, AuditStore
 
 GENESIS_HASH = bytes(32)
@@ -106,6 +107,16 @@ class AuditTrail:
     def record(self, *, identity: str, operation: str, target: str, outcome: str, request_id: str = "") -> int:
         """Appends one record and returns its sequence number. Raises Unavailable (or
         IntegrityError) when it cannot be written: the operation must then not run."""
+        try:
+            seq = self._append(identity=identity, operation=operation, target=target, outcome=outcome,
+                               request_id=request_id)
+        except BaseException:
+            audit_writes_total.labels("failed").inc()
+            raise
+        audit_writes_total.labels("written").inc()
+        return seq
+
+    def _append(self, *, identity: str, operation: str, target: str, outcome: str, request_id: str) -> int:
         key = self._signing_key()
         recorded_at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         values = dict(recorded_at=recorded_at, identity=identity[:512], operation=operation[:128],

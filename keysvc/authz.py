@@ -7,6 +7,11 @@ grants roles to caller identities (PCI DSS 7: each caller does its job and no mo
     key-admin    KeyService, and token data-key administration
     auditor      AuditService
     (key-admin also approves others' dual-control requests: ApprovalService)
+    (key-admin and auditor list the replicas: ReplicaService.ListReplicas)
+    (key-admin delivers the master key to an enrolling replica, under dual control;
+     key-admin and auditor read its check value and the enrollments: MasterKeyService)
+    (key-admin proposes a new policy, under dual control; key-admin and auditor read the
+     policy in force: PolicyService)
 
 A grant may be limited to some merchants (key ids `<merchant>/<name>`) or token
 domains; by default it covers all. Anything not granted is refused.
@@ -27,6 +32,9 @@ _KEYS = "/keysvc.v1.KeyService/"
 _TOKENS = "/keysvc.v1.TokenService/"
 _AUDIT = "/keysvc.v1.AuditService/"
 _APPROVALS = "/keysvc.v1.ApprovalService/"
+_REPLICAS = "/keysvc.v1.ReplicaService/"
+_MASTER_KEY = "/keysvc.v1.MasterKeyService/"
+_POLICY = "/keysvc.v1.PolicyService/"
 
 # Method name prefix (a service) or full method name → the roles that may call it.
 RPC_ROLES: dict[str, frozenset[str]] = {
@@ -42,6 +50,12 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     _TOKENS + "ShredTokenDomain": frozenset({"key-admin"}),
     _AUDIT: frozenset({"auditor"}),
     _APPROVALS: frozenset({"key-admin"}),
+    _REPLICAS + "ListReplicas": frozenset({"key-admin", "auditor"}),
+    _MASTER_KEY + "DeliverMasterKey": frozenset({"key-admin"}),
+    _MASTER_KEY + "GetMasterKeyCheckValue": frozenset({"key-admin", "auditor"}),
+    _MASTER_KEY + "ListEnrollments": frozenset({"key-admin", "auditor"}),
+    _POLICY + "ProposePolicy": frozenset({"key-admin"}),
+    _POLICY + "GetPolicy": frozenset({"key-admin", "auditor"}),
 }
 # Calls limited per identity (keysvc.limits), by kind: a Verify endpoint is a MAC oracle
 # and Detokenize hands out card numbers.
@@ -57,6 +71,7 @@ DEADLINE_REQUIRED_METHODS = frozenset({
 # Calls that need a second key-admin's approval when dual control is on.
 DUAL_CONTROL_METHODS = frozenset({
     _KEYS + "ImportKey", _KEYS + "DestroyKeyVersion", _TOKENS + "ShredTokenDomain",
+    _MASTER_KEY + "DeliverMasterKey", _POLICY + "ProposePolicy",
 })
 # Calls that change keys or reveal card numbers: recorded in the audit trail whatever
 # their outcome (denied calls of every method are recorded too).
@@ -67,6 +82,8 @@ AUDITED_METHODS = frozenset({
     _TOKENS + name for name in ("Detokenize", "DeleteToken", "RotateTokenKey", "RewrapTokens", "ShredTokenDomain")
 } | {
     _APPROVALS + name for name in ("ApproveOperation", "RejectOperation")
+} | {
+    _MASTER_KEY + "DeliverMasterKey", _POLICY + "ProposePolicy",
 })
 
 
@@ -102,6 +119,9 @@ class Scope:
 class Decision:
     allowed: bool
     reason: str = ""
+    # The role the call is made with (for metrics): the granted role that allows it, or
+    # when refused the caller's roles joined by "+"; "" for an identity with no grant.
+    role: str = ""
 
 
 class Policy:
@@ -110,14 +130,36 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path) -> "Policy":
-        """Reads a TOML policy: [[grant]] identity, roles, optional merchants, domains."""
+        """Reads a TOML policy file (see `parse`). Raises PolicyError."""
         try:
-            document = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as error:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as error:
             raise PolicyError(f"cannot read the policy {path}: {error}") from None
+        return cls.parse(text, f"the policy {path}")
+
+    @classmethod
+    def parse(cls, text: str, source: str = "the policy") -> "Policy":
+        """A TOML policy: [[grant]] identity, roles, optional merchants, domains; nothing
+        else (a misspelt `merchants` must not silently grant every merchant). Raises
+        PolicyError naming the grant and the setting."""
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise PolicyError(f"cannot read {source}: {error}") from None
+        unknown = sorted(set(document) - {"grant"})
+        entries = document.get("grant", [])
+        if unknown:
+            raise PolicyError(f"{source}: unknown setting {unknown[0]!r} (a policy holds [[grant]] tables only)")
+        if not isinstance(entries, list):
+            raise PolicyError(f"{source}: grant must be an array of tables ([[grant]])")
         grants = []
-        for index, entry in enumerate(document.get("grant", [])):
+        for index, entry in enumerate(entries):
             where = f"grant {index + 1}"
+            if not isinstance(entry, dict):
+                raise PolicyError(f"{where}: must be a table ([[grant]])")
+            extra = sorted(set(entry) - {"identity", "roles", "merchants", "domains"})
+            if extra:
+                raise PolicyError(f"{where}: unknown setting {extra[0]!r}")
             identity = entry.get("identity")
             roles = entry.get("roles", [])
             if not isinstance(identity, str) or not identity:
@@ -144,16 +186,22 @@ class Policy:
         grant = self._grants.get(identity)
         return grant.roles if grant else frozenset()
 
+    def holders_of(self, role: str) -> frozenset[str]:
+        """The identities granted `role`."""
+        return frozenset(grant.identity for grant in self._grants.values() if role in grant.roles)
+
     def decide(self, identity: str, method: str, scope: Scope) -> Decision:
         grant = self._grants.get(identity)
         if grant is None:
             return Decision(False, f"{identity or 'the caller'} has no grant in the policy")
         needed = roles_for(method)
-        if not needed & grant.roles:
+        usable = needed & grant.roles
+        if not usable:
             wanted = " or ".join(sorted(needed)) or "a role no one holds"
-            return Decision(False, f"{method} needs the {wanted} role")
+            return Decision(False, f"{method} needs the {wanted} role", "+".join(sorted(grant.roles)))
+        role = min(usable)
         if ALL not in grant.merchants and not scope.merchants <= grant.merchants:
-            return Decision(False, "the grant does not cover this merchant")
+            return Decision(False, "the grant does not cover this merchant", role)
         if ALL not in grant.domains and not scope.domains <= grant.domains:
-            return Decision(False, "the grant does not cover this token domain")
-        return Decision(True)
+            return Decision(False, "the grant does not cover this token domain", role)
+        return Decision(True, role=role)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -30,6 +31,9 @@ from keysvc.v1 import (
     approvals_pb2,
     audit_pb2,
     keys_pb2,
+    masterkey_pb2,
+    policy_pb2,
+    replicas_pb2,
     seals_pb2,
     signing_pb2,
     tokens_pb2,
@@ -174,7 +178,9 @@ def describe_key(key: keys_pb2.Key) -> str:
         f"platform   {_enum_name(keys_pb2.KeyPlatform, key.platform, 'KEY_PLATFORM_')} "
         f"({_enum_name(keys_pb2.Charset, key.charset, 'CHARSET_').replace('_', '-')})",
         f"purpose    {_enum_name(keys_pb2.KeyPurpose, key.purpose, 'KEY_PURPOSE_')}",
-        f"primary    {key.primary_version}",
+        f"primary    {key.primary_version}"
+        + (f" (version {key.pending_primary} pending: primary once every live replica has it)"
+           if key.pending_primary else ""),
         f"{'VERSION':>7}  {'STATE':<11}  {'ORIGIN':<9}  {'KCV':<6}  CREATED",
     ]
     for version in key.versions:
@@ -499,7 +505,9 @@ def keys_import_private_key(ctx, key_id, private_key_file, version, make_primary
 def keys_rotate(ctx, key_id) -> None:
     """Add a version generated in the HSM and make it primary."""
     response = _call(ctx, _client(ctx).keys.RotateKey, keys_pb2.RotateKeyRequest(key_id=key_id))
-    _print(ctx, response, f"new primary version {response.version}\n" + describe_key(response.key))
+    made = (f"new version {response.version}, pending: primary once every live replica has it"
+            if response.key.pending_primary == response.version else f"new primary version {response.version}")
+    _print(ctx, response, made + "\n" + describe_key(response.key))
 
 
 @keys.command("show")
@@ -936,6 +944,53 @@ def approvals_reject(ctx, operation_id) -> None:
     _print(ctx, response, f"rejected: {_describe_operation(response.operation)}")
 
 
+# -- policy ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def policy() -> None:
+    """Who may call what: show the policy in force, propose a new one (two key-admins)."""
+
+
+def _describe_policy(policy_message) -> str:
+    if policy_message.source == policy_pb2.POLICY_SOURCE_DATABASE:
+        approved = policy_message.approve_time.ToDatetime().isoformat(timespec="seconds")
+        return (f"revision {policy_message.revision} (sha256 {policy_message.sha256}), proposed by "
+                f"{policy_message.proposed_by}, approved by {policy_message.approved_by} at {approved}Z")
+    return f"the server's policy file (sha256 {policy_message.sha256}): no policy approved yet"
+
+
+@policy.command("show")
+@click.pass_context
+def policy_show(ctx) -> None:
+    """Print the policy in force and where it comes from."""
+    response = _call(ctx, _client(ctx).policy.GetPolicy, policy_pb2.GetPolicyRequest())
+    _print(ctx, response, f"# {_describe_policy(response.policy)}\n{response.policy.policy_toml}")
+
+
+@policy.command("propose")
+@click.argument("policy_file", type=click.File("r", encoding="utf-8"))
+@click.pass_context
+def policy_propose(ctx, policy_file) -> None:
+    """Propose POLICY_FILE (TOML [[grant]] tables) as the whole new policy. With dual
+    control a second key-admin approves it (keysvc approvals approve ID), after
+    checking its digest (sha256sum POLICY_FILE) against the one the pending operation names."""
+    text = policy_file.read()
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    client = _client(ctx)
+    try:
+        response = client.call(client.policy.ProposePolicy, policy_pb2.ProposePolicyRequest(policy_toml=text))
+    except KeysvcCallError as error:
+        if error.reason == "APPROVAL_REQUIRED":
+            operation_id = error.metadata.get("operation_id", "")
+            click.echo(f"pending operation {operation_id} (policy sha256 {digest}): a second key-admin approves "
+                       f"it with keysvc approvals approve {operation_id}")
+            return
+        click.echo(f"error: {error.code.name}: {error.message}", err=True)
+        ctx.exit(EXIT_ERROR)
+    _print(ctx, response, f"in force: {_describe_policy(response.policy)}")
+
+
 # -- audit ----------------------------------------------------------------------------------------
 
 
@@ -975,6 +1030,302 @@ def audit_verify(ctx, expect_at_least) -> None:
     _print(ctx, response, human)
     if not response.intact:
         ctx.exit(EXIT_INVALID_SEAL)
+
+
+# -- replicas -------------------------------------------------------------------------------------
+
+
+@main.group()
+def replica() -> None:
+    """The keysvc processes sharing this server's database."""
+
+
+@replica.command("list")
+@click.pass_context
+def replica_list(ctx) -> None:
+    """List every registered serving process: live or not, and how far it follows key changes."""
+    response = _call(ctx, _client(ctx).replicas.ListReplicas, replicas_pb2.ListReplicasRequest())
+    lines = [f"{'REPLICA':<36}  {'ADDRESS':<22}  {'LIVE':<4}  {'SEEN':>6}  HEARTBEAT"]
+    for found in response.replicas:
+        lines.append(f"{found.replica_id:<36}  {found.address:<22}  {'yes' if found.live else 'no':<4}  "
+                     f"{found.seen_change:>6}  {found.heartbeat_time.ToDatetime().isoformat(timespec='seconds')}Z")
+    lines.append(f"latest key change {response.latest_change}")
+    _print(ctx, response, "\n".join(lines))
+
+
+# -- master key: enrollment, backup, restore (local commands on the HSM's host) -------------------
+#
+# These run on the host of an HSM, with the token's options as `keysvc serve` takes them;
+# only `replica deliver` and `replica enrollments` call a server.
+
+_hsm_options = [
+    click.option("--hsm-module", envvar="KEYSVC_HSM_MODULE", default=config_module.Settings.hsm_module,
+                 show_default=True, help="PKCS#11 module path (env KEYSVC_HSM_MODULE)."),
+    click.option("--token-label", envvar="KEYSVC_TOKEN_LABEL", default=config_module.DEFAULT_TOKEN_LABEL,
+                 show_default=True, help="The token's label (env KEYSVC_TOKEN_LABEL)."),
+    click.option("--pin-file", envvar="KEYSVC_HSM_PIN_FILE", default=None,
+                 help="File holding the HSM user PIN (env KEYSVC_HSM_PIN_FILE, or the PIN in KEYSVC_HSM_PIN)."),
+]
+_with_hsm_options = _options(_hsm_options)
+
+
+class _LocalCommandFailed(click.ClickException):
+    exit_code = EXIT_ERROR
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+@contextlib.contextmanager
+def _local_errors():
+    """Turns the domain's, the HSM's and the configuration's errors into `error: message`, exit 2."""
+    from hsm import HsmError
+    from keysvc.errors import KeysvcError
+
+    try:
+        yield
+    except (KeysvcError, HsmError, config_module.ConfigurationError) as error:
+        raise _LocalCommandFailed(str(error)) from None
+
+
+def _local_token(hsm_module: str, token_label: str, pin_file: str | None):
+    """This host's token, logged in (raises what _local_errors reports)."""
+    import hsm
+
+    return hsm.Hsm.connect(hsm.HsmConfig(token_label=token_label, pin=config_module.read_pin(pin_file),
+                                         module_path=hsm_module))
+
+
+def _database_engine(database_url: str):
+    from keysvc.store import KeyStore
+
+    return KeyStore.open(database_url).engine
+
+
+@replica.command("enroll")
+@click.option("--database", "database_url", envvar="KEYSVC_DATABASE_URL", required=True,
+              help="The deployment's database, postgresql://USER@HOST:PORT/DB (env KEYSVC_DATABASE_URL).")
+@click.option("--name", "replica_name", default=None, help="This replica's name [default: the host name].")
+@click.option("--complete", "complete_id", default=None, metavar="ID",
+              help="Take the master key delivered to enrollment ID into this token.")
+@_with_hsm_options
+def replica_enroll(database_url, replica_name, complete_id, hsm_module, token_label, pin_file) -> None:
+    """On a new replica's host (its token holds no master key): ask for the master key.
+
+    Without --complete: makes an RSA transport key pair in this HSM and records the request;
+    prints the enrollment id and the transport key's fingerprint, which the key-admins check
+    (keysvc replica deliver ID --fingerprint ...; a second key-admin approves). With
+    --complete ID: unwraps the delivered master key into this token, checks it, and prints
+    its check value."""
+    import socket
+
+    from keysvc import masterkey
+
+    with _local_errors():
+        token = _local_token(hsm_module, token_label, pin_file)
+        engine = _database_engine(database_url)
+        if complete_id:
+            check_value = masterkey.complete_enrollment(token, engine, complete_id)
+            click.echo(f"enrollment {complete_id} completed: this token holds the master key, check value "
+                       f"{check_value}")
+            return
+        enrollment = masterkey.request_enrollment(token, engine, replica_name or socket.gethostname())
+    click.echo(f"enrollment {enrollment.enrollment_id}\n"
+               f"transport key fingerprint {masterkey.fingerprint_of(enrollment.transport_public_key)}\n"
+               f"expires {enrollment.expires_at.isoformat(timespec='seconds')}\n"
+               f"next: a key-admin runs keysvc replica deliver {enrollment.enrollment_id} --fingerprint "
+               "<the fingerprint above>, a second one approves it, then run keysvc replica enroll --complete "
+               f"{enrollment.enrollment_id}")
+
+
+@replica.command("deliver")
+@click.argument("enrollment_id")
+@click.option("--fingerprint", required=True,
+              help="The transport key fingerprint the new replica's operator read out to you.")
+@click.pass_context
+def replica_deliver(ctx, enrollment_id, fingerprint) -> None:
+    """Ask the server to deliver its master key to ENROLLMENT_ID (a second key-admin approves)."""
+    client = _client(ctx)
+    try:
+        response = client.call(client.master_keys.DeliverMasterKey, masterkey_pb2.DeliverMasterKeyRequest(
+            enrollment_id=enrollment_id, transport_key_fingerprint=fingerprint))
+    except KeysvcCallError as error:
+        if error.reason == "APPROVAL_REQUIRED":
+            operation_id = error.metadata.get("operation_id", "")
+            click.echo(f"pending operation {operation_id}: a second key-admin approves it with "
+                       f"keysvc approvals approve {operation_id}")
+            return
+        click.echo(f"error: {error.code.name}: {error.message}", err=True)
+        ctx.exit(EXIT_ERROR)
+    _print(ctx, response, f"delivered to {response.enrollment.enrollment_id}")
+
+
+def _describe_enrollment(enrollment) -> str:
+    state = _enum_name(masterkey_pb2.EnrollmentState, enrollment.state, "ENROLLMENT_STATE_")
+    return (f"{enrollment.enrollment_id}  {state:<9}  {enrollment.replica_name}  "
+            f"until {enrollment.expire_time.ToDatetime().isoformat(timespec='seconds')}Z  "
+            f"transport key {enrollment.transport_key_fingerprint}"
+            + (f"  master {enrollment.master_check_value} by {enrollment.delivered_by}"
+               if enrollment.master_check_value else ""))
+
+
+@replica.command("enrollments")
+@click.pass_context
+def replica_enrollments(ctx) -> None:
+    """List the enrollments of new replicas."""
+    client = _client(ctx)
+    response = _call(ctx, client.master_keys.ListEnrollments, masterkey_pb2.ListEnrollmentsRequest())
+    _print(ctx, response, "\n".join(map(_describe_enrollment, response.enrollments)) or "no enrollments")
+
+
+@main.group("master-key")
+def master_key() -> None:
+    """The HSM master key on this host: check value, backup and restore under split knowledge."""
+
+
+@master_key.command("check")
+@click.option("--database", "database_url", default=None,
+              help="Also compare with the check value this database records.")
+@_with_hsm_options
+@click.pass_context
+def master_key_check(ctx, database_url, hsm_module, token_label, pin_file) -> None:
+    """Print the token's master key check value (exit 1 when it is not the database's)."""
+    from keysvc.store.shared_keys import MASTER, SharedKeyStore
+
+    with _local_errors():
+        check_value = _local_token(hsm_module, token_label, pin_file).master_key_check_value()
+        recorded = SharedKeyStore(_database_engine(database_url)).get(MASTER) if database_url else None
+    click.echo(f"master key check value {check_value}")
+    if database_url:
+        if recorded is None:
+            click.echo("the database records no master key yet")
+        elif recorded.check_value == check_value:
+            click.echo("matches the database's record")
+        else:
+            click.echo(f"DIFFERS from the database's record {recorded.check_value}")
+            ctx.exit(EXIT_INVALID_SEAL)
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Writes a file that must not exist yet, with `mode` from its creation."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+
+
+@master_key.command("custodian-keys")
+@click.option("--name", required=True, help="The custodian's name.")
+@click.option("--out", "directory", required=True, type=click.Path(file_okay=False),
+              help="Folder for NAME.key (private, mode 0600) and NAME.pub.")
+def master_key_custodian_keys(name, directory) -> None:
+    """Make a custodian's X25519 key pair: the public half goes to whoever makes backups."""
+    from keysvc import masterkey
+
+    with _local_errors():
+        masterkey.Custodian(name, bytes(32))  # checks the name
+        private, public = masterkey.make_custodian_key()
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_new(folder / f"{name}.key", masterkey.encode_private_key(private), 0o600)
+            _write_new(folder / f"{name}.pub", masterkey.encode_public_key(public), 0o644)
+        except FileExistsError as error:
+            raise _LocalCommandFailed(f"{error.filename} exists: keep it, or choose another folder") from None
+    click.echo(f"private key {folder / f'{name}.key'} (keep it to yourself)\npublic key {folder / f'{name}.pub'}")
+
+
+@master_key.command("backup")
+@click.option("--custodian", "custodians", multiple=True, required=True, metavar="NAME=PUBKEYFILE",
+              help="A custodian and their public key file (repeat: at least two).")
+@click.option("--out", "directory", required=True, type=click.Path(file_okay=False),
+              help="Folder for the backup file and one component file per custodian.")
+@_with_hsm_options
+def master_key_backup(custodians, directory, hsm_module, token_label, pin_file) -> None:
+    """Back the master key up under a backup key split among custodians (every one is
+    needed to restore): the backup file, and one sealed component file per custodian."""
+    from keysvc import masterkey
+
+    with _local_errors():
+        parsed = []
+        for item in custodians:
+            name, equals, public_path = item.partition("=")
+            if not equals:
+                raise click.BadParameter("must be NAME=PUBKEYFILE", param_hint="--custodian")
+            try:
+                public_key = masterkey.decode_public_key(Path(public_path).read_text())
+            except OSError as error:
+                raise _LocalCommandFailed(f"cannot read {public_path}: {error.strerror}") from None
+            parsed.append(masterkey.Custodian(name, public_key))
+        token = _local_token(hsm_module, token_label, pin_file)
+        backup, sealed = masterkey.backup_master_key(token, parsed)
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        backup_path = folder / f"master-key-backup-{backup.backup_id}.json"
+        _write_new(backup_path, backup.to_json(), 0o600)
+        paths = []
+        for component in sealed:
+            path = folder / f"master-key-component-{backup.backup_id}-{component.custodian}.json"
+            _write_new(path, component.to_json(), 0o600)
+            paths.append((component, path))
+    click.echo(f"backup {backup_path}\nmaster key check value {backup.master_check_value}\n"
+               f"backup key check value {backup.backup_key_check_value}")
+    for component, path in paths:
+        click.echo(f"component for {component.custodian}: {path} (check value {component.check_value})")
+
+
+@master_key.command("restore")
+@click.option("--backup", "backup_file", required=True, type=click.File("r"), help="The backup file.")
+@click.option("--component", "component_files", multiple=True, type=click.File("r"),
+              help="A custodian's sealed component file (repeat, each with its --custodian-key); "
+                   "without them, each custodian is asked in turn.")
+@click.option("--custodian-key", "custodian_key_files", multiple=True, type=click.File("r"),
+              help="The private key of the custodian whose --component comes at the same place.")
+@_with_hsm_options
+def master_key_restore(backup_file, component_files, custodian_key_files, hsm_module, token_label, pin_file) -> None:
+    """Restore the master key from a backup into a token that holds none: every
+    custodian's component is needed, each opened with its custodian's private key."""
+    from keysvc import masterkey
+
+    if len(component_files) != len(custodian_key_files):
+        raise click.UsageError("give each --component with the --custodian-key that opens it")
+    with _local_errors():
+        backup = masterkey.MasterKeyBackup.from_json(backup_file.read())
+        token = _local_token(hsm_module, token_label, pin_file)
+        if token.has_master_key:
+            raise _LocalCommandFailed("this token already holds a keysvc master key: restore into an empty token")
+        click.echo(f"backup {backup.backup_id} of {backup.created_at}: master key check value "
+                   f"{backup.master_check_value}; custodians {', '.join(c.name for c in backup.custodians)}")
+        opened = []
+        if component_files:
+            for component_file, key_file in zip(component_files, custodian_key_files):
+                component = masterkey.SealedComponent.from_json(component_file.read())
+                one = masterkey.open_component(backup, component, masterkey.decode_private_key(key_file.read()))
+                click.echo(f"component of {one.custodian}: check value {one.check_value}")
+                opened.append(one)
+        else:
+            for custodian in backup.custodians:
+                click.echo(f"custodian {custodian.name}:")
+                component_path = click.prompt("  your sealed component file", type=click.Path(dir_okay=False))
+                key_path = click.prompt("  your private key file", type=click.Path(dir_okay=False))
+                try:
+                    component = masterkey.SealedComponent.from_json(Path(component_path).read_text())
+                    private_key = masterkey.decode_private_key(Path(key_path).read_text())
+                except OSError as error:
+                    raise _LocalCommandFailed(f"cannot read {error.filename}: {error.strerror}") from None
+                one = masterkey.open_component(backup, component, private_key)
+                if one.custodian != custodian.name:
+                    raise _LocalCommandFailed(f"that component is {one.custodian}'s, not {custodian.name}'s")
+                click.echo(f"  component check value {one.check_value}")
+                click.confirm("  is it the check value on your record?", abort=True)
+                opened.append(one)
+        restored = masterkey.restore_master_key(token, backup, opened)
+    click.echo(f"backup key check value {restored.backup_key_check_value}\n"
+               f"restored: master key check value {restored.master_check_value} (the backup's: "
+               f"{backup.master_check_value})")
+
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import grpc
 from google.rpc import error_details_pb2
@@ -26,6 +27,9 @@ from keysvc.v1 import (
     approvals_pb2_grpc,
     audit_pb2_grpc,
     keys_pb2_grpc,
+    masterkey_pb2_grpc,
+    policy_pb2_grpc,
+    replicas_pb2_grpc,
     seals_pb2,
     seals_pb2_grpc,
     signing_pb2,
@@ -81,11 +85,15 @@ class KeysvcClient:
     """The stubs of every keysvc service over one channel, and typed helpers."""
 
     def __init__(self, target: str, *, tls: TlsIdentity | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = RETRIES) -> None:
+                 retries: int = RETRIES, options: Sequence[tuple[str, object]] = ()) -> None:
+        """`target` is one address, or several replicas' (`ipv4:HOST:PORT,HOST:PORT`, with
+        options `[("grpc.lb_policy_name", "round_robin")]` to spread calls over them)."""
+        options = list(options)
         if tls is None:  # only for a server run with --insecure-loopback
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(target, options=options)
         else:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(tls.ca, tls.key, tls.certificate))
+            self.channel = grpc.secure_channel(
+                target, grpc.ssl_channel_credentials(tls.ca, tls.key, tls.certificate), options=options)
         self.timeout = timeout
         self.retries = retries
         self.keys = keys_pb2_grpc.KeyServiceStub(self.channel)
@@ -94,6 +102,9 @@ class KeysvcClient:
         self.tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
         self.approvals = approvals_pb2_grpc.ApprovalServiceStub(self.channel)
+        self.replicas = replicas_pb2_grpc.ReplicaServiceStub(self.channel)
+        self.master_keys = masterkey_pb2_grpc.MasterKeyServiceStub(self.channel)
+        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

@@ -33,6 +33,7 @@ PIN_ENV = "KEYSVC_HSM_PIN"
 LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ACCESS_LOG_MODES = ("all", "errors", "off")
+SAFE_ROTATION_MODES = ("auto", "on", "off")
 MASK = "****"
 
 
@@ -80,10 +81,25 @@ class Settings:
     # With TLS: items per second per caller identity (0: no limit).
     verify_rate: float = 2000.0
     detokenize_rate: float = 100.0
+    # Replicas (see README, "Replicas"): the address this replica is listed with ('':
+    # the listen address, with the port bound), heartbeats, and safe rotation ("auto":
+    # on with PostgreSQL, off with SQLite) with how long RotateKey waits for promotion.
+    replica_address: str = ""
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    safe_rotation: str = "auto"
+    rotation_wait: float = 3.0
 
     @property
     def hsm_config(self) -> hsm.HsmConfig:
         return hsm.HsmConfig(token_label=self.token_label, pin=self.pin, module_path=self.hsm_module)
+
+    @property
+    def rotates_safely(self) -> bool:
+        """Whether a rotation's new version waits for every live replica before it is primary."""
+        if self.safe_rotation == "auto":
+            return self.database_url.startswith("postgresql")
+        return self.safe_rotation == "on"
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,11 @@ SETTINGS = (
     Setting("auth.dual_control", "dual_control", "KEYSVC_DUAL_CONTROL", bool),
     Setting("limits.verify_per_second", "verify_rate", "KEYSVC_VERIFY_RATE", float),
     Setting("limits.detokenize_per_second", "detokenize_rate", "KEYSVC_DETOKENIZE_RATE", float),
+    Setting("replicas.address", "replica_address", "KEYSVC_REPLICA_ADDRESS", str),
+    Setting("replicas.heartbeat_interval", "heartbeat_interval", "KEYSVC_REPLICA_HEARTBEAT_INTERVAL", float),
+    Setting("replicas.heartbeat_timeout", "heartbeat_timeout", "KEYSVC_REPLICA_HEARTBEAT_TIMEOUT", float),
+    Setting("replicas.safe_rotation", "safe_rotation", "KEYSVC_SAFE_ROTATION", str),
+    Setting("replicas.rotation_wait", "rotation_wait", "KEYSVC_ROTATION_WAIT", float),
 )
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -207,6 +228,18 @@ def _problems(settings: Settings) -> list[tuple[str, str]]:
             problems.append((name, "must be 0 (no limit) or more"))
     if not settings.token_purge_interval > 0:
         problems.append(("token_purge_interval", "must be more than 0 seconds"))
+    if settings.replica_address and (message := _host_port_error(settings.replica_address)) is not None:
+        problems.append(("replica_address", message))
+    if not 0.1 <= settings.heartbeat_interval <= 60:
+        problems.append(("heartbeat_interval", "must be between 0.1 and 60 seconds"))
+    if not settings.heartbeat_timeout >= 2 * settings.heartbeat_interval:
+        problems.append(("heartbeat_timeout", "must be at least twice replicas.heartbeat_interval (one late "
+                                              "heartbeat must not make a replica dead)"))
+    if settings.safe_rotation not in SAFE_ROTATION_MODES:
+        problems.append(("safe_rotation", f"must be one of {', '.join(SAFE_ROTATION_MODES)}, "
+                                          f"not {settings.safe_rotation!r}"))
+    if not 0 <= settings.rotation_wait <= 60:
+        problems.append(("rotation_wait", "must be between 0 and 60 seconds"))
     if settings.insecure_loopback:
         if not _is_loopback(settings.listen.rpartition(":")[0]):
             problems.append(("insecure_loopback", "serves in plain text, without roles: only on a loopback address "

@@ -28,16 +28,16 @@ log = logging.getLogger("keysvc.health")
 PROBE_INTERVAL = 1.0
 # Long enough for a slow HSM call holding the PKCS#11 lock (an RSA-4096 key generation).
 PROBE_TIMEOUT = 5.0
-_HSM_PROBE_DATA = b"keysvc-health-probe"
 
 Check = Callable[[], None]
 
 
 def hsm_check(token: hsm.Hsm) -> Check:
-    """A check that raises when the token cannot make an HMAC with its binding key."""
+    """A check that raises when the token cannot use its master key (the one token
+    object; every other key is a session object, which works on with the token gone)."""
 
     def check() -> None:
-        token.bind(_HSM_PROBE_DATA)
+        token.master_key_check_value()
 
     return check
 

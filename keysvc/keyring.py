@@ -7,7 +7,12 @@ change made by another worker or replica must be in force within a second. So:
 - a version's unwrapped handle is cached (LRU, bounded) and released when the
   version is destroyed or evicted;
 - callers that meet something the cache cannot explain (a seal no known version
-  verifies) call `refresh` to check the revision at once.
+  verifies) call `refresh` to check the revision at once;
+- in a serving process, keysvc.replicas follows the database's log of key changes
+  and calls `invalidate` for each (within milliseconds on PostgreSQL, LISTEN/NOTIFY).
+  While it keeps up (`mark_followed` less than FOLLOW_SLACK ago), the cache is known
+  to be at most that stale, so cached metadata is trusted for `followed_ttl` instead
+  of `metadata_ttl`; when the follower falls behind, the short TTL is back at once.
 Every wrapped key is checked against its binding tag before it is unwrapped, so a
 record moved to another key or version in the database is refused.
 """
@@ -32,6 +37,12 @@ from keysvc.model import Charset, Key, KeyAlgorithm, KeyPlatform, KeyVersion
 from keysvc.store import KeyStore
 
 CHECK_VALUE_MESSAGE = bytes(16)
+# How recent the follower's last complete read of the change log must be for the
+# cache to rely on it (it reads at least every 0.4 s; see keysvc.replicas).
+FOLLOW_SLACK = 0.9
+# How long `invalidate` remembers a key's newest revision, to catch a copy read just
+# before the change but installed after it (a read takes milliseconds).
+_FLOOR_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -112,12 +123,17 @@ class KeyRing:
         store: KeyStore,
         *,
         metadata_ttl: float = 0.25,
+        followed_ttl: float | None = None,
         max_handles: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._hsm = token
         self._store = store
         self._metadata_ttl = metadata_ttl
+        self._followed_ttl = followed_ttl
+        self._followed_at = float("-inf")
+        # key id -> (the newest revision a change announced, when): see invalidate.
+        self._floors: dict[str, tuple[int, float]] = {}
         self._max_handles = max_handles
         self._clock = clock
         self._lock = threading.Lock()
@@ -133,7 +149,10 @@ class KeyRing:
         now = self._clock()
         with self._lock:
             cached = self._keys.get(key_id)
-        if cached is not None and now - cached[1] < self._metadata_ttl:
+        ttl = self._metadata_ttl
+        if self._followed_ttl is not None and now - self._followed_at < FOLLOW_SLACK:
+            ttl = max(ttl, self._followed_ttl)
+        if cached is not None and now - cached[1] < ttl:
             return cached[0]
         if cached is not None:
             revision = self._store.load_revision(key_id)
@@ -168,6 +187,43 @@ class KeyRing:
         """Takes a key this process just wrote, so its own next call sees the change."""
         self._install(key)
 
+    def invalidate(self, key_id: str, revision: int) -> None:
+        """The key changed to `revision` (made known by the change log): a cached copy
+        older than that is reloaded now (dropped when the reload fails, so that the
+        next use reads the database), and an older copy installed later by a read
+        that began before the change is checked again at its next use."""
+        now = self._clock()
+        with self._lock:
+            for name in [name for name, (_, noted) in self._floors.items() if now - noted > _FLOOR_SECONDS]:
+                del self._floors[name]
+            floor = self._floors.get(key_id, (0, now))[0]
+            self._floors[key_id] = (max(floor, revision), now)
+            cached = self._keys.get(key_id)
+        if cached is None or cached[0].revision >= revision:
+            return
+        try:
+            self._reload(key_id)
+        except NotFound:
+            pass  # gone: _reload dropped it and its handles
+        except Unavailable:
+            self.forget(key_id)
+
+    def forget(self, key_id: str) -> None:
+        """Drops the key's cached metadata: its next use reads the database."""
+        with self._lock:
+            self._keys.pop(key_id, None)
+
+    def forget_all(self) -> None:
+        """Drops every key's cached metadata (the change log cannot say what changed)."""
+        with self._lock:
+            self._keys.clear()
+
+    def mark_followed(self, as_of: float) -> None:
+        """Every change committed before `as_of` (this ring's clock) has been passed to
+        `invalidate`: the cache is that fresh."""
+        with self._lock:
+            self._followed_at = max(self._followed_at, as_of)
+
     def _reload(self, key_id: str) -> Key:
         key = self._store.load_key(key_id)
         if key is None:
@@ -183,7 +239,9 @@ class KeyRing:
             cached = self._keys.get(key.key_id)
             if cached is not None and cached[0].revision > key.revision:
                 return  # a newer copy is already here
-            self._keys[key.key_id] = (key, self._clock())
+            floor = self._floors.get(key.key_id, (0, 0.0))[0]
+            # Older than a change already announced: usable, but checked at its next use.
+            self._keys[key.key_id] = (key, self._clock() if key.revision >= floor else float("-inf"))
         usable = {v.version for v in key.versions if v.wrapped_key is not None}
         self._release_where(lambda k, v: k == key.key_id and v not in usable)
 
@@ -263,7 +321,7 @@ class KeyRing:
         module was re-initialised (after a fork or an HSM failure) since it was cached."""
         for _attempt in range(2):
             # Held from lookup to use, so that no other thread releases the handle in between.
-            with self._hsm.exclusive():
+            with hsm_errors(), self._hsm.exclusive():  # exclusive: HsmBusy past the call's deadline
                 handle = self._handle(key, version)
                 try:
                     with hsm_errors():

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -124,6 +125,26 @@ class KeyProfile:
     charset: Charset = Charset.UTF_8
 
 
+class RotationGate(Protocol):
+    """Safe rotation across replicas (keysvc.replicas): a rotated key's new version waits
+    as pending_primary until every live replica has loaded it."""
+
+    def await_promotion(self, key_id: str, version: int) -> Key:
+        """Waits (bounded) for `version` to stop pending and returns the key as it then is."""
+
+
+def promoted(key: Key, version: int) -> Key:
+    """The key with its pending version `version` made primary; the same object when
+    that version no longer waits (promoted already, or superseded). A pending version
+    that left ENABLED meanwhile stops waiting without becoming primary."""
+    if key.pending_primary != version:
+        return key
+    found = key.find_version(version)
+    if found is None or found.state is not KeyVersionState.ENABLED:
+        return replace(key, pending_primary=None)
+    return replace(key, primary_version=version, pending_primary=None)
+
+
 def _find_version(key: Key, version: int) -> KeyVersion:
     found = key.find_version(version)
     if found is None:
@@ -134,10 +155,12 @@ def _find_version(key: Key, version: int) -> KeyVersion:
 class KeyManager:
     """The KeyService operations. Thread-safe."""
 
-    def __init__(self, token: hsm.Hsm, store: KeyStore, ring: KeyRing) -> None:
+    def __init__(self, token: hsm.Hsm, store: KeyStore, ring: KeyRing, rotation_gate: RotationGate | None = None
+                 ) -> None:
         self._hsm = token
         self._store = store
         self._ring = ring
+        self.rotation_gate = rotation_gate
 
     # -- material -------------------------------------------------------------------------
 
@@ -357,9 +380,10 @@ class KeyManager:
         return self._add_version(key_id, material, version, make_primary, algorithm, purpose)
 
     def _add_version(self, key_id: str, material: NewMaterial, version: int, make_primary: bool,
-                     algorithm: KeyAlgorithm, purpose: KeyPurpose) -> tuple[Key, KeyVersion]:
+                     algorithm: KeyAlgorithm, purpose: KeyPurpose, pending: bool = False) -> tuple[Key, KeyVersion]:
         """Stores `material`, made for `algorithm` and `purpose`, as version `version`
-        (0: the next number) of an existing key."""
+        (0: the next number) of an existing key; primary with `make_primary`, pending
+        promotion with `pending`."""
         added: list[int] = []
 
         def add_version(current: Key) -> Key:
@@ -377,17 +401,29 @@ class KeyManager:
                 raise FailedPrecondition(f"key {key_id!r} has no version number left")
             added[:] = [number]
             changed = current.with_version(self._new_version(current, number, material))
-            return replace(changed, primary_version=number) if make_primary else changed
+            if pending:
+                return replace(changed, pending_primary=number)
+            return replace(changed, primary_version=number, pending_primary=None) if make_primary else changed
 
         stored = self._stored(self._store.update_key(key_id, add_version))
         return stored, _find_version(stored, added[0])
 
     def rotate_key(self, key_id: str) -> tuple[Key, KeyVersion]:
         """Adds a version generated in the HSM and makes it primary; older versions keep
-        their state (retire them with set_version_state)."""
+        their state (retire them with set_version_state).
+
+        With a rotation gate (replicas), the version is first stored ENABLED as the
+        key's pending_primary, and becomes primary once every live replica has loaded
+        it; this waits for that (bounded) and returns the key as it then is: with the
+        new version primary, or still pending (it is promoted later without a caller).
+        """
         current = self.get_key(key_id)
         material = self._generate_material(current.algorithm)
-        return self._add_version(key_id, material, 0, True, current.algorithm, current.purpose)
+        if self.rotation_gate is None:
+            return self._add_version(key_id, material, 0, True, current.algorithm, current.purpose)
+        _, version = self._add_version(key_id, material, 0, False, current.algorithm, current.purpose,
+                                            pending=True)
+        return self.rotation_gate.await_promotion(key_id, version.version), version
 
     def get_key(self, key_id: str) -> Key:
         """Raises InvalidArgument for a malformed id, NotFound for an unknown one."""
@@ -430,7 +466,10 @@ class KeyManager:
                 raise FailedPrecondition(
                     f"version {version} is the primary of key {key_id!r}: rotate or set another primary first"
                 )
-            return key.with_version(replace(current, state=state))
+            changed = key.with_version(replace(current, state=state))
+            if version == key.pending_primary and state is not KeyVersionState.ENABLED:
+                changed = replace(changed, pending_primary=None)  # retired before its promotion
+            return changed
 
         return self._stored(self._store.update_key(key_id, change_state))
 
@@ -444,9 +483,10 @@ class KeyManager:
                 raise FailedPrecondition(
                     f"version {version} of key {key_id!r} is {current.state.value}; only an ENABLED version can be primary"
                 )
-            if key.primary_version == version:
+            if key.primary_version == version and key.pending_primary is None:
                 return key
-            return replace(key, primary_version=version)
+            # An explicit choice: a rotation still waiting for promotion gives way to it.
+            return replace(key, primary_version=version, pending_primary=None)
 
         return self._stored(self._store.update_key(key_id, change_primary))
 
@@ -462,9 +502,10 @@ class KeyManager:
                 raise FailedPrecondition(
                     f"version {version} is the primary of key {key_id!r}: rotate or set another primary first"
                 )
-            return key.with_version(
+            destroyed = key.with_version(
                 replace(current, state=KeyVersionState.DESTROYED, wrapped_key=None, destroyed_at=utcnow())
             )
+            return replace(destroyed, pending_primary=None) if version == key.pending_primary else destroyed
 
         return self._stored(self._store.update_key(key_id, destroy))
 

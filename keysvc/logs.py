@@ -34,6 +34,8 @@ EVENT_FIELDS = ("request_id", "identity", "rpc", "status", "duration_ms", "peer"
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("keysvc_request_id", default=None)
 # The caller's identity (set by the rpc layer's auth interceptor), for access events.
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("keysvc_identity", default="")
+# The role the caller's call is made with (set by the auth interceptor), for metrics.
+current_role: contextvars.ContextVar[str] = contextvars.ContextVar("keysvc_role", default="")
 
 _PAN_LIKE = re.compile(r"[0-9](?:[ -]?[0-9]){11,}")
 _SECRET_ASSIGNMENT = re.compile(

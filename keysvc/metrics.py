@@ -1,17 +1,18 @@
 """Prometheus metrics of one keysvc process, and the HTTP endpoint that serves them.
 
-Labels are closed sets chosen by keysvc (RPC names, status codes, HSM operation
-names, error class names): never a key id, a merchant id, a message or anything
-a caller sends. Nothing here knows of gRPC; the rpc layer's interceptor fills the
-request metrics.
+Labels are closed sets chosen by keysvc (RPC names, status codes, caller roles,
+HSM operation names, error class names, outcomes): never a key id, a merchant id, a
+token domain, a caller identity, a message or anything a caller sends. Nothing here
+knows of gRPC; the rpc layer's interceptor fills the request metrics.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 import hsm
 from keysvc.config import ConfigurationError
@@ -38,11 +40,18 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _HSM_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
+# The caller's role label: the role the policy let it call with (or, for a refused call,
+# the roles it holds joined by "+"); NO_ROLE without a policy (insecure loopback), for
+# unauthenticated callers and for identities with no grant. Roles are keysvc.authz.ROLES:
+# a closed set, whereas identities are not, and never become labels.
+NO_ROLE = "none"
+
 requests_total = Counter(
-    "keysvc_requests", "gRPC calls handled, by RPC and status code.", ("rpc", "code"), registry=REGISTRY,
+    "keysvc_requests", "gRPC calls handled, by RPC, status code and caller role.", ("rpc", "code", "role"),
+    registry=REGISTRY,
 )
 request_seconds = Histogram(
-    "keysvc_request_duration_seconds", "Time to answer a gRPC call, by RPC.", ("rpc",),
+    "keysvc_request_duration_seconds", "Time to answer a gRPC call, by RPC and caller role.", ("rpc", "role"),
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
 )
 batch_items = Histogram(
@@ -61,10 +70,62 @@ key_cache_total = Counter(
     "keysvc_key_cache_lookups", "Lookups of an unwrapped key handle in the key cache, by result (hit, miss).",
     ("result",), registry=REGISTRY,
 )
+audit_writes_total = Counter(
+    "keysvc_audit_writes", "Audit records appended (written), or that could not be (failed: the operation "
+    "they were for did not run), by outcome.", ("outcome",), registry=REGISTRY,
+)
 dependency_up = Gauge(
     "keysvc_dependency_up", "1 when the last health probe of a dependency (hsm, database) passed, else 0.",
     ("dependency",), registry=REGISTRY,
 )
+
+
+
+class StoredTokens:
+    """The keysvc_tokens_stored gauge: live (unexpired) tokens in the vault, all token
+    domains together (a domain name may be anything a caller chose, so never a label).
+
+    Counted in the database when scraped, at most once every `max_age` seconds (a count
+    scans the table: scrapes must not add load with the vault's size), and never on the
+    tokenization path. The vault is shared: every worker and replica reports the same
+    total (aggregate with max, not sum). No sample while nothing is tracked or when the
+    count fails (a missing series rather than a wrong one)."""
+
+    NAME = "keysvc_tokens_stored"
+    HELP = "Live tokens in the vault (all token domains; the same in every process sharing the database)."
+
+    def __init__(self, max_age: float = 10.0) -> None:
+        self.max_age = max_age
+        self._count: Callable[[], int] | None = None
+        self._lock = threading.Lock()
+        self._cached: tuple[float, int] | None = None
+
+    def track(self, count: Callable[[], int] | None) -> None:
+        """Reports count() from now on (None: nothing)."""
+        with self._lock:
+            self._count, self._cached = count, None
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:  # one count at a time, whatever the number of scrapers
+            if self._count is None:
+                return
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.max_age:
+                try:
+                    self._cached = (now, self._count())
+                except Exception as error:  # noqa: BLE001 - a scrape must not fail for it
+                    log.warning("tokens stored not counted: %s", type(error).__name__)
+                    self._cached = None
+                    return
+            value = self._cached[1]
+        yield GaugeMetricFamily(self.NAME, self.HELP, value=value)
+
+
+tokens_stored = StoredTokens()
+REGISTRY.register(tokens_stored)
 
 # Methods of hsm.Hsm that are not calls into the HSM (properties are never wrapped).
 _NOT_HSM_CALLS = frozenset({"exclusive", "connect"})

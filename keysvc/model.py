@@ -158,6 +158,9 @@ class Key:
     # The profile: which platform's seals the key makes, over text in which charset.
     platform: KeyPlatform = KeyPlatform.GENERIC
     charset: Charset = Charset.UTF_8
+    # A rotation's new version while it waits to become primary: it is ENABLED (it
+    # verifies) but seals only once every live replica has loaded it. None when none waits.
+    pending_primary: int | None = None
 
     def find_version(self, version: int) -> KeyVersion | None:
         for key_version in self.versions:

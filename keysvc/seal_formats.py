@@ -183,7 +183,11 @@ def _sips_post_as_posted(message: bytes, base64_encoded: bool) -> SealedText:
 def _flatten_fields_json(fields_json: str) -> list[tuple[str, str]]:
     """SIPS POST fields from a JSON object, in its order: nested objects become dotted
     names, lists of scalars one comma-joined value."""
-    document = _load_json_object(fields_json.encode("utf-8"), "fields_json")
+    try:
+        encoded = fields_json.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a Python caller can send one, gRPC cannot
+        raise InvalidArgument("fields_json", "is not a JSON document in UTF-8") from None
+    document = _load_json_object(encoded, "fields_json")
     pairs: list[tuple[str, str]] = []
 
     def add(name: str, value) -> None:

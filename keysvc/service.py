@@ -5,8 +5,8 @@ PKCS#11 is serialised per process, so throughput grows with processes. With
 worker with the spawn method (a fresh interpreter: no PKCS#11 or gRPC state
 inherited across a fork); every worker opens its own HSM session and listens on
 the same port (SO_REUSEPORT), and the kernel spreads connections among them.
-Workers share the database, where every change bumps a key's revision that the
-others notice within KeyRing's metadata TTL.
+Workers share the database, where every change bumps a key's revision and is
+announced in the key change log that every serving process follows (keysvc.replicas).
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hsm
+from keysvc import deployment
 from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
 from keysvc.authz import Policy, PolicyError
@@ -32,11 +34,15 @@ from keysvc.health import HealthMonitor, database_check, hsm_check
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager
 from keysvc.limits import Rate, RateLimiter
+from keysvc.masterkey import MasterKeyAdmin
 from keysvc.metrics import MeasuredHsm, dependency_up
+from keysvc.policies import PolicyBook
+from keysvc.replicas import FOLLOWED_METADATA_TTL, Replica, advertised_address
 from keysvc.seals import Sealer
 from keysvc.signing import Signer
 from keysvc.store import KeyStore
 from keysvc.store.audit import AuditStore
+from keysvc.store.policies import PolicyStore
 from keysvc.store.tokens import TokenStore
 from keysvc.tokens import Tokenizer
 
@@ -54,25 +60,39 @@ class Services:
     signer: Signer
     tokenizer: Tokenizer | None = None
     audit_trail: AuditTrail | None = None
+    replica: Replica | None = None
 
 
 def prepare(settings: Settings) -> None:
-    """Runs database migrations and creates the token's keysvc keys if missing.
+    """Runs database migrations, creates the token's master key if it is the first
+    replica's (keysvc.deployment), checks it against the database's, and makes the
+    shared keys once per database. Raises ConfigurationError for a token that is not
+    the deployment's.
 
     Servers starting together on one host take turns (a lock file), so that a fresh
     token never gets two master keys.
     """
-    KeyStore.open(settings.database_url).close()
-    lock_path = Path(tempfile.gettempdir()) / f"keysvc-token-setup-{settings.token_label}.lock"
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        hsm.Hsm.connect(settings.hsm_config).ensure_token_keys()
+    store = KeyStore.open(settings.database_url)
+    try:
+        lock_path = Path(tempfile.gettempdir()) / f"keysvc-token-setup-{settings.token_label}.lock"
+        with open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            deployment.prepare_token(hsm.Hsm.connect(settings.hsm_config), store.engine)
+    finally:
+        store.close()
 
 
 def open_services(settings: Settings) -> Services:
-    token = MeasuredHsm(hsm.Hsm.connect(settings.hsm_config))
     store = KeyStore.open(settings.database_url, run_migrations=False)
-    ring = KeyRing(token, store)
+    deployment.install_shared_keys(hsm.Hsm.connect(settings.hsm_config), store.engine)
+    token = MeasuredHsm(hsm.Hsm.connect(settings.hsm_config))
+    # With PostgreSQL the replica follows key changes as they are announced, so cached
+    # keys can be trusted longer while it keeps up (see keysvc.keyring).
+    postgresql = settings.database_url.startswith("postgresql")
+    ring = KeyRing(token, store, followed_ttl=FOLLOWED_METADATA_TTL if postgresql else None)
+    replica = Replica(store, ring, database_url=settings.database_url,
+                      heartbeat_interval=settings.heartbeat_interval, heartbeat_timeout=settings.heartbeat_timeout,
+                      rotation_wait=settings.rotation_wait)
     sealer = Sealer(
         ring, max_message_bytes=settings.max_seal_message_bytes, max_batch_items=settings.max_batch_items
     )
@@ -84,7 +104,8 @@ def open_services(settings: Settings) -> Services:
         max_batch_items=settings.max_batch_items,
     )
     audit_trail = AuditTrail(token, AuditStore(store.engine))
-    return Services(store, KeyManager(token, store, ring), sealer, Signer(ring), tokenizer, audit_trail)
+    keys = KeyManager(token, store, ring, rotation_gate=replica if settings.rotates_safely else None)
+    return Services(store, keys, sealer, Signer(ring), tokenizer, audit_trail, replica)
 
 
 def security_of(settings: Settings):
@@ -100,6 +121,18 @@ def security_of(settings: Settings):
     return Security(
         server_credentials(Path(settings.tls_cert), Path(settings.tls_key), Path(settings.tls_client_ca)), policy
     )
+
+
+def policy_book_of(settings: Settings, services: Services, security) -> PolicyBook | None:
+    """The book of security's policy (None without security), with the newest approved
+    policy already in force: a server never serves with the file once one is approved.
+    With dual control, a proposed policy must keep two key-admins."""
+    if security is None:
+        return None
+    book = PolicyBook(security.policy, PolicyStore(services.store.engine), hsm.Hsm.connect(settings.hsm_config),
+                      file_path=Path(settings.policy), min_key_admins=2 if settings.dual_control else 1)
+    book.refresh()
+    return book
 
 
 def _purge_expired_tokens(tokenizer: Tokenizer, interval: float, stop: threading.Event) -> None:
@@ -149,8 +182,10 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     services = open_services(settings)
     metrics_server = None
     if settings.metrics_listen:
-        from keysvc.metrics import serve_metrics
+        from keysvc.metrics import serve_metrics, tokens_stored
 
+        vault = TokenStore(services.store.engine)
+        tokens_stored.track(lambda: vault.count_live(datetime.now(timezone.utc)))
         metrics_server, _ = serve_metrics(metrics_address(settings.metrics_listen, worker_index))
     monitor = start_health_monitor(
         settings, services, lambda serving, _failing: set_serving(health_servicer, serving))
@@ -161,17 +196,24 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
         access_log=settings.log_access,
     )
     security = security_of(settings)
+    policies = policy_book_of(settings, services, security)
     server, port, health_servicer = create_server(
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
         tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon, audit_trail=services.audit_trail,
         security=security,
         approvals=Approvals(services.store.engine) if settings.dual_control else None,
         limiter=RateLimiter({"verify": Rate.of(settings.verify_rate), "detokenize": Rate.of(settings.detokenize_rate)}),
+        replicas=services.replica,
+        master_keys=MasterKeyAdmin(MeasuredHsm(hsm.Hsm.connect(settings.hsm_config)), services.store.engine),
+        policies=policies,
     )
+    services.replica.start(advertised_address(settings.listen, port, settings.replica_address))
     monitor.start()
     stop = _stop_event_on_signals()
-    signal.signal(signal.SIGHUP, lambda *_: _reload(settings, security))
+    signal.signal(signal.SIGHUP, lambda *_: _reload(settings, policies))
     server.start()
+    if policies is not None:
+        policies.follow(stop)
     threading.Thread(
         target=_purge_expired_tokens, args=(services.tokenizer, settings.token_purge_interval, stop),
         name="keysvc-token-purge", daemon=True,
@@ -182,18 +224,20 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
     monitor.stop()
     health_servicer.enter_graceful_shutdown()
     server.stop(SHUTDOWN_GRACE).wait()
+    services.replica.stop()
     if metrics_server is not None:
         metrics_server.shutdown()
     services.store.close()
 
 
-def _reload(settings: Settings, security) -> None:
-    """SIGHUP: the policy file again, and the configuration file's log level. A file that
-    does not load leaves what is in force as it was."""
-    if security is not None:
+def _reload(settings: Settings, policies: PolicyBook | None) -> None:
+    """SIGHUP: the policy file again (unless two key-admins approved a policy since), and
+    the configuration file's log level. A file that does not load leaves what is in
+    force as it was."""
+    if policies is not None:
         try:
-            security.policy.take(Policy.load(Path(settings.policy)))
-            log.info("policy reloaded from %s", settings.policy)
+            if policies.reload_file():
+                log.info("policy reloaded from %s", settings.policy)
         except PolicyError as error:
             log.error("policy not reloaded, the one in force stays: %s", error)
     if settings.config_file:

@@ -408,7 +408,7 @@ class Tokenizer:
         """Frees a domain's handles, best effort, unless a newer copy still uses them."""
         if keys is None:
             return
-        with self._hsm.exclusive():
+        with _hsm_errors(), self._hsm.exclusive():  # exclusive: HsmBusy past the call's deadline
             if keys.released:
                 return
             keys.released = True
@@ -472,7 +472,7 @@ class Tokenizer:
         re-initialisation."""
         for _attempt in range(3):
             keys = self._domain_keys(domain, create=create)
-            with self._hsm.exclusive():
+            with _hsm_errors(), self._hsm.exclusive():
                 if keys.released:
                     continue
                 try:

@@ -145,3 +145,73 @@ def _first_success_within(seconds: float, call):
             if error.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                 raise
         time.sleep(0.05)
+
+
+def test_a_frozen_hsm_ends_calls_at_their_deadline_and_the_server_keeps_answering(hsm_token, sqlite_url, merchant):
+    """A frozen HSM, as keysvc sees one: the process's PKCS#11 lock held and not given back
+    (a module call that hangs holds it so). Here a thread of the server's own process
+    holds it for 6 s making real HMAC calls. Calls that need the HSM must end at their
+    deadline and give their server thread back, so that calls that do not need it (and
+    the HSM's next callers, once it is free) are still served."""
+    import threading
+
+    import hsm
+
+    frozen_for = 6.0
+    domain = make_domain(hsm_token, sqlite_url)
+    # Two threads: without bounded waits, two callers waiting for the HSM take the whole server.
+    grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer,
+                                        ServerOptions(reuse_port=False, max_threads=2), signer=domain.signer)
+    grpc_server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    keys, seals = keys_pb2_grpc.KeyServiceStub(channel), seals_pb2_grpc.SealServiceStub(channel)
+    handle = hsm_token.load_secret(hsm_token.generate_wrapped_secret(32))
+    frozen, thawed = threading.Event(), threading.Event()
+
+    def freeze() -> None:
+        with hsm_token.exclusive():
+            frozen.set()
+            until = time.monotonic() + frozen_for
+            while time.monotonic() < until:
+                hsm_token.hmac_many(handle, hsm.Digest.SHA256, [b"busy"] * 100)
+        thawed.set()
+
+    def seal_within(timeout: float) -> tuple[grpc.StatusCode, float]:
+        start = time.monotonic()
+        try:
+            seals.Seal(seals_pb2.SealRequest(key_id=key_id, message=b"m"), timeout=timeout)
+            return grpc.StatusCode.OK, time.monotonic() - start
+        except grpc.RpcError as error:
+            return error.code(), time.monotonic() - start
+
+    try:
+        key_id = keys.CreateKey(keys_pb2.CreateKeyRequest(
+            merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=10).key.key_id
+        assert seal_within(10)[0] is grpc.StatusCode.OK
+        holder = threading.Thread(target=freeze, daemon=True)
+        holder.start()
+        assert frozen.wait(10)
+
+        waiting = []
+        callers = [threading.Thread(target=lambda: waiting.append(seal_within(0.5))) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(10)
+        # The server's threads are free again while the HSM is still frozen.
+        listed = keys.ListKeys(keys_pb2.ListKeysRequest(merchant_id=merchant), timeout=2)
+        still_frozen = not thawed.is_set()
+        holder.join(frozen_for + 10)
+        after = seal_within(10)
+    finally:
+        channel.close()
+        grpc_server.stop(None)
+        hsm_token.release_secret(handle)
+        domain.store.close()
+
+    assert len(waiting) == 4
+    for code, seconds in waiting:
+        assert code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE), code
+        assert seconds < 2.0
+    assert [key.key_id for key in listed.keys] == [key_id] and still_frozen
+    assert after[0] is grpc.StatusCode.OK

@@ -10,17 +10,25 @@ import urllib.request
 
 import grpc
 import pytest
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from keysvc.audit import AuditTrail
+from keysvc.authz import Policy
 from keysvc.metrics import MeasuredHsm, serve_metrics
-from keysvc.rpc.server import ServerOptions, create_server
-from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc
+from keysvc.pki import issue_client_certificate, make_dev_pki
+from keysvc.rpc.server import Security, ServerOptions, create_server, server_credentials
+from keysvc.store.audit import AuditStore
+from keysvc.v1 import keys_pb2, keys_pb2_grpc, seals_pb2, seals_pb2_grpc, tokens_pb2, tokens_pb2_grpc
 from tests.conftest import _free_port, make_domain
 from tests.servers import KEYSVC, Client, close_clients, start_keysvc_server, stop_keysvc_server
 
 SEAL = "keysvc.v1.SealService/Seal"
 BATCH_SEAL = "keysvc.v1.SealService/BatchSeal"
 GET_KEY = "keysvc.v1.KeyService/GetKey"
+# Luhn-valid test card numbers (Visa, Mastercard, Amex test ranges).
+PANS = ["4111111111111111", "5555555555554444", "378282246310005"]
 
 
 def scrape(port: int) -> tuple[str, dict[tuple[str, tuple], float]]:
@@ -78,11 +86,12 @@ def test_metrics_count_calls_codes_latency_batches_hsm_calls_and_cache_lookups(m
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("keysvc_requests_total", rpc=SEAL, code="OK") == 3
-    assert delta("keysvc_requests_total", rpc=BATCH_SEAL, code="OK") == 1
-    assert delta("keysvc_requests_total", rpc=GET_KEY, code="NOT_FOUND") == 1
-    assert delta("keysvc_request_duration_seconds_count", rpc=SEAL) == 3
-    assert delta("keysvc_request_duration_seconds_sum", rpc=SEAL) > 0
+    # No policy (the insecure loopback mode): no role.
+    assert delta("keysvc_requests_total", rpc=SEAL, code="OK", role="none") == 3
+    assert delta("keysvc_requests_total", rpc=BATCH_SEAL, code="OK", role="none") == 1
+    assert delta("keysvc_requests_total", rpc=GET_KEY, code="NOT_FOUND", role="none") == 1
+    assert delta("keysvc_request_duration_seconds_count", rpc=SEAL, role="none") == 3
+    assert delta("keysvc_request_duration_seconds_sum", rpc=SEAL, role="none") > 0
     assert delta("keysvc_batch_items_count", rpc=BATCH_SEAL) == 1
     assert delta("keysvc_batch_items_sum", rpc=BATCH_SEAL) == 5
     # The first use of the version loads it (a miss), the next ones find it (hits).
@@ -98,6 +107,83 @@ def test_metrics_count_calls_codes_latency_batches_hsm_calls_and_cache_lookups(m
         assert secret not in text
 
 
+@pytest.fixture
+def secure_measured_server(domain, tmp_path):
+    """A mutual-TLS server with the development PKI's policy and an audit trail, and the
+    metrics endpoint."""
+    pki = tmp_path / "pki"
+    make_dev_pki(pki)
+    issue_client_certificate(pki, "client-stranger", "spiffe://keysvc.dev/stranger")  # no grant
+    security = Security(server_credentials(pki / "server.crt", pki / "server.key", pki / "ca.crt"),
+                        Policy.load(pki / "policy.toml"))
+    grpc_server, port, _health = create_server(
+        "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False), signer=domain.signer,
+        audit_trail=AuditTrail(domain.hsm, AuditStore(domain.store.engine)), security=security)
+    grpc_server.start()
+    metrics_server, metrics_port = serve_metrics("127.0.0.1:0")
+
+    def channel_as(name: str) -> grpc.Channel:
+        return grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(
+            (pki / "ca.crt").read_bytes(), (pki / f"{name}.key").read_bytes(), (pki / f"{name}.crt").read_bytes()))
+
+    yield channel_as, metrics_port
+    metrics_server.shutdown()
+    grpc_server.stop(None)
+
+
+def _code(call, request) -> str:
+    try:
+        call(request, timeout=10)
+        return "OK"
+    except grpc.RpcError as error:
+        return error.code().name
+
+
+def test_requests_carry_the_callers_role_and_audit_writes_count_written_and_failed(
+        secure_measured_server, domain, merchant):
+    channel_as, metrics_port = secure_measured_server
+    _, before = scrape(metrics_port)
+    with channel_as("client-key-admin") as admin, channel_as("client-gateway") as gateway, \
+            channel_as("client-stranger") as stranger:
+        created = _code(keys_pb2_grpc.KeyServiceStub(admin).CreateKey, keys_pb2.CreateKeyRequest(
+            merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256))
+        sealed = [_code(seals_pb2_grpc.SealServiceStub(gateway).Seal,
+                        seals_pb2.SealRequest(key_id=f"{merchant}/k", message=b"m")) for _ in range(2)]
+        denied = _code(keys_pb2_grpc.KeyServiceStub(gateway).RotateKey, keys_pb2.RotateKeyRequest(
+            key_id=f"{merchant}/k"))
+        strange = _code(seals_pb2_grpc.SealServiceStub(stranger).Seal,
+                        seals_pb2.SealRequest(key_id=f"{merchant}/k", message=b"m"))
+        # Health checks bypass the policy: no role, not even the one the pool thread served last.
+        health_pb2_grpc.HealthStub(gateway).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        with domain.store.engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE audit_records"))
+        unrecorded = _code(keys_pb2_grpc.KeyServiceStub(admin).CreateKey, keys_pb2.CreateKeyRequest(
+            merchant_id=merchant, name="k2", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256))
+    text, after = scrape(metrics_port)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert (created, sealed, denied, strange, unrecorded) == (
+        "OK", ["OK", "OK"], "PERMISSION_DENIED", "PERMISSION_DENIED", "UNAVAILABLE")
+    create_key = "keysvc.v1.KeyService/CreateKey"
+    assert delta("keysvc_requests_total", rpc=create_key, code="OK", role="key-admin") == 1
+    assert delta("keysvc_requests_total", rpc=create_key, code="UNAVAILABLE", role="key-admin") == 1
+    assert delta("keysvc_requests_total", rpc=SEAL, code="OK", role="gateway") == 2
+    assert delta("keysvc_request_duration_seconds_count", rpc=SEAL, role="gateway") == 2
+    assert delta("keysvc_requests_total", rpc="keysvc.v1.KeyService/RotateKey", code="PERMISSION_DENIED",
+                 role="gateway") == 1
+    assert delta("keysvc_requests_total", rpc=SEAL, code="PERMISSION_DENIED", role="none") == 1
+    assert delta("keysvc_requests_total", rpc="grpc.health.v1.Health/Check", code="OK", role="none") == 1
+    # CreateKey: STARTED and OK; RotateKey and the stranger's Seal: their refusals. Then the
+    # table is gone: the second CreateKey's STARTED record fails, and it does not run.
+    assert delta("keysvc_audit_writes_total", outcome="written") == 4
+    assert delta("keysvc_audit_writes_total", outcome="failed") >= 1
+    assert domain.store.load_key(f"{merchant}/k2") is None
+    # Roles, never identities.
+    assert "spiffe://" not in text and merchant not in text
+
+
 def test_serve_metrics_listen_serves_the_endpoint_with_the_dependencies_up(token, tmp_path, merchant):
     metrics_port = _free_port()
     server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log",
@@ -107,14 +193,25 @@ def test_serve_metrics_listen_serves_the_endpoint_with_the_dependencies_up(token
             keys = keys_pb2_grpc.KeyServiceStub(channel)
             keys.CreateKey(keys_pb2.CreateKeyRequest(
                 merchant_id=merchant, name="k", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=10)
-        _, samples = scrape(metrics_port)
+            tokens = tokens_pb2_grpc.TokenServiceStub(channel)
+            tokens.Tokenize(tokens_pb2.TokenizeRequest(domain=merchant, pans=PANS[:2]), timeout=10)
+            tokens.Tokenize(tokens_pb2.TokenizeRequest(domain="other-shop", pans=PANS), timeout=10)
+        text, samples = scrape(metrics_port)
     finally:
         stop_keysvc_server(server)
-    assert value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/CreateKey", code="OK") == 1
+    # Every token domain together; counted at the scrape, never a domain or a PAN shown.
+    assert value(samples, "keysvc_tokens_stored") == 5
+    assert merchant not in text and "other-shop" not in text
+    assert not any(pan in text for pan in PANS)
+    # CreateKey is audited: once before it runs, once with its outcome.
+    assert value(samples, "keysvc_audit_writes_total", outcome="written") == 2
+    assert value(samples, "keysvc_audit_writes_total", outcome="failed") == 0
+    assert value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/CreateKey", code="OK", role="none") == 1
     assert value(samples, "keysvc_dependency_up", dependency="hsm") == 1
     assert value(samples, "keysvc_dependency_up", dependency="database") == 1
-    # One for the new key, one for the audit trail's checkpoint key, made at its first record.
-    assert value(samples, "keysvc_hsm_call_duration_seconds_count", operation="generate_wrapped_secret") == 2
+    # One for the new key, one for the audit trail's checkpoint key, made at its first record,
+    # one for each token domain's fingerprint key.
+    assert value(samples, "keysvc_hsm_call_duration_seconds_count", operation="generate_wrapped_secret") == 4
 
 
 def test_each_worker_serves_its_metrics_on_the_port_plus_its_index(token, tmp_path, merchant):
@@ -135,7 +232,8 @@ def test_each_worker_serves_its_metrics_on_the_port_plus_its_index(token, tmp_pa
         for port in (base, base + 1):
             _, samples = scrape(port)
             assert value(samples, "keysvc_dependency_up", dependency="hsm") == 1
-            listed += value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/ListKeys", code="OK")
+            listed += value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/ListKeys", code="OK",
+                            role="none")
         assert listed == 6  # each call counted once, by the worker that served it
     finally:
         stop_keysvc_server(server)

@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keysvc.audit import AuditTrail
 from keysvc.authz import ROLES, Policy, roles_for
+from keysvc.masterkey import MasterKeyAdmin
 from keysvc.pki import dev_identity, issue_client_certificate, make_dev_pki
+from keysvc.replicas import Replica
 from keysvc.rpc.server import Security, ServerOptions, create_server, server_credentials
 from keysvc.store.audit import AuditStore
 from keysvc.store.schema import audit_records
@@ -30,6 +32,10 @@ from keysvc.v1 import (
     audit_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
+    masterkey_pb2,
+    masterkey_pb2_grpc,
+    replicas_pb2,
+    replicas_pb2_grpc,
     seals_pb2,
     seals_pb2_grpc,
     signing_pb2,
@@ -46,6 +52,8 @@ SERVICES = {
     "SigningService": (signing_pb2, signing_pb2_grpc.SigningServiceStub),
     "TokenService": (tokens_pb2, tokens_pb2_grpc.TokenServiceStub),
     "AuditService": (audit_pb2, audit_pb2_grpc.AuditServiceStub),
+    "MasterKeyService": (masterkey_pb2, masterkey_pb2_grpc.MasterKeyServiceStub),
+    "ReplicaService": (replicas_pb2, replicas_pb2_grpc.ReplicaServiceStub),
 }
 
 
@@ -71,7 +79,9 @@ def secure_server(domain, pki):
     tokenizer = Tokenizer(domain.hsm, TokenStore(domain.store.engine), detokenize_allowed=True)
     grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False),
                                          signer=domain.signer, tokenizer=tokenizer, audit_trail=trail,
-                                         security=security)
+                                         security=security,
+                                         master_keys=MasterKeyAdmin(domain.hsm, domain.store.engine),
+                                         replicas=Replica(domain.store, domain.ring, database_url=""))
     grpc_server.start()
     yield f"localhost:{port}", trail
     grpc_server.stop(None)

@@ -6,7 +6,7 @@ from typing import Callable
 
 from google.protobuf import any_pb2
 
-from keysvc.approvals import Approvals, PendingOperation
+from keysvc.approvals import Approvals, PendingOperation, current_approval
 from keysvc.errors import FailedPrecondition
 from keysvc.logs import current_identity
 from keysvc.rpc.convert import timestamp
@@ -44,7 +44,11 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
         operation = self._approvals.decide(request.operation_id, current_identity.get(), approve=True)
         request_class, run = self._runners[operation.method]
         # Runs as asked: its errors end this call with their own status.
-        response = run(request_class.FromString(operation.request), context)
+        running = current_approval.set(operation)
+        try:
+            response = run(request_class.FromString(operation.request), context)
+        finally:
+            current_approval.reset(running)
         packed = any_pb2.Any()
         packed.Pack(response)
         return approvals_pb2.ApproveOperationResponse(operation=_message(operation), response=packed)

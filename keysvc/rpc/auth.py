@@ -12,6 +12,7 @@ every call is allowed and recorded as made by "insecure-loopback".
 from __future__ import annotations
 
 import logging
+from typing import Callable, Mapping
 
 import grpc
 
@@ -27,8 +28,9 @@ from keysvc.authz import (
     Scope,
 )
 from keysvc.limits import RateLimited, RateLimiter
-from keysvc.logs import current_identity, current_request_id
+from keysvc.logs import current_identity, current_request_id, current_role
 from keysvc.pki import identity_of
+from keysvc.policies import digest_of
 from keysvc.rpc.errors import rich_status
 
 log = logging.getLogger("keysvc.auth")
@@ -65,13 +67,24 @@ def _target(scope: Scope, request) -> str:
     version = getattr(request, "version", 0)
     if key_id:
         parts = [f"{key_id}#{version}" if version else key_id]
+    enrollment_id = getattr(request, "enrollment_id", "")
+    if enrollment_id:  # DeliverMasterKey: what the approving key-admin must recognise
+        parts = [f"enrollment={enrollment_id}", f"transport-key={getattr(request, 'transport_key_fingerprint', '')}"]
+    if getattr(request, "operation_id", ""):  # an approval names the operation it decides
+        parts.append(f"op={request.operation_id}")
+    if hasattr(request, "policy_toml"):  # ProposePolicy: the policy by its digest
+        parts = [f"policy sha256={digest_of(request.policy_toml)}"]
     return ",".join(parts)[:512]
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
+    """`prechecks` (method -> check(request), raising KeysvcError) refuse a malformed
+    request before it is kept for approval, rather than when it is approved."""
+
     def __init__(self, policy: Policy | None, audit: AuditTrail | None, approvals: Approvals | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, prechecks: Mapping[str, Callable] | None = None) -> None:
         self._policy = policy
+        self._prechecks = dict(prechecks or {})
         self._audit = audit
         # Abuse limits apply to identified callers (with a policy).
         self._limiter = limiter if policy is not None else None
@@ -157,9 +170,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
                          "unauthenticated", method, target, request_id)
         if self._policy is not None:
             decision = self._policy.decide(identity, method, scope)
+            current_role.set(decision.role)  # the request metrics' label
             if not decision.allowed:
                 self._refuse(context, errors.PermissionDenied(decision.reason), identity, method, target, request_id)
             self._check_limits(context, identity, method, request, target, request_id)
+        precheck = self._prechecks.get(method)
+        if precheck is not None:
+            try:
+                precheck(request)
+            except errors.KeysvcError as error:
+                self._refuse(context, error, identity, method, target, request_id)
         if self._approvals is not None and method in DUAL_CONTROL_METHODS:
             self._ask_for_approval(context, identity, method, request, target, request_id)
         if method not in AUDITED_METHODS:

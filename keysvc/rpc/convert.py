@@ -119,4 +119,5 @@ def key_message(key: Key) -> keys_pb2.Key:
         update_time=timestamp(key.updated_at),
         platform=PLATFORM_NUMBERS[key.platform],
         charset=CHARSET_NUMBERS[key.charset],
+        pending_primary=key.pending_primary or 0,
     )

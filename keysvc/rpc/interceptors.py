@@ -1,10 +1,12 @@
 """The server interceptor that observes every unary call: a request id (the caller's
 `x-request-id` when it sends a plain one, else a new one; returned in the trailing
-metadata), one access log event, request metrics, and a health probe as soon as a
-call ends UNAVAILABLE.
+metadata), one access log event, request metrics, a health probe as soon as a
+call ends UNAVAILABLE, and the call's deadline as the bound of its waits for the
+HSM (hsm/deadline.py).
 
 It reads nothing of the request but the RPC name and, for batch calls, the number
-of items: no key id, no message, no seal ever reaches a log line or a label.
+of items: no key id, no message, no seal ever reaches a log line or a label. The
+caller's role (a label) comes from the auth interceptor, inside this one.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Callable
 
 import grpc
 
+from hsm.deadline import reset_call_deadline, set_call_deadline
 from keysvc import metrics
 from keysvc.config import ACCESS_LOG_MODES
-from keysvc.logs import current_identity, current_request_id
+from keysvc.logs import current_identity, current_request_id, current_role
 
 access_log = logging.getLogger("keysvc.access")
 
@@ -78,6 +81,12 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             start = time.perf_counter()
             request_id = _request_id(context)
             bound = current_request_id.set(request_id)  # for every log line and inner interceptor
+            # The auth interceptor sets who calls; a pool thread must not lend the last
+            # call's caller to a call that never reaches it (health checks).
+            identity_bound, role_bound = current_identity.set(""), current_role.set("")
+            # A call waits for the process's PKCS#11 lock until its deadline at most (a hung
+            # or long-held HSM must not hold every server thread).
+            deadline_bound = set_call_deadline(context.time_remaining())
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = inner(request, context)
@@ -96,6 +105,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                     self._record(rpc, request, code, time.perf_counter() - start, request_id, context)
                 finally:
                     current_request_id.reset(bound)
+                    current_identity.reset(identity_bound)
+                    current_role.reset(role_bound)
+                    reset_call_deadline(deadline_bound)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
@@ -105,8 +117,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
     def _record(self, rpc, request, code, seconds, request_id, context) -> None:
         status = code.name
-        metrics.requests_total.labels(rpc, status).inc()
-        metrics.request_seconds.labels(rpc).observe(seconds)
+        role = current_role.get() or metrics.NO_ROLE
+        metrics.requests_total.labels(rpc, status, role).inc()
+        metrics.request_seconds.labels(rpc, role).observe(seconds)
         size = _batch_size(request)
         if size is not None:
             metrics.batch_items.labels(rpc).observe(size)

@@ -17,11 +17,17 @@ from keysvc.audit import AuditTrail
 from keysvc.authz import Policy
 from keysvc.keys import KeyManager
 from keysvc.limits import RateLimiter
+from keysvc.masterkey import MasterKeyAdmin
+from keysvc.policies import PolicyBook
+from keysvc.replicas import Replica
 from keysvc.rpc.approvals_servicer import ApprovalServicer
 from keysvc.rpc.audit_servicer import AuditServicer
 from keysvc.rpc.auth import AuthInterceptor
 from keysvc.rpc.interceptors import ObservingInterceptor
 from keysvc.rpc.keys_servicer import KeyServicer
+from keysvc.rpc.masterkey_servicer import DELIVER_METHOD, MasterKeyServicer
+from keysvc.rpc.policy_servicer import PROPOSE_POLICY_METHOD, PolicyServicer
+from keysvc.rpc.replicas_servicer import ReplicaServicer
 from keysvc.rpc.seals_servicer import SealServicer
 from keysvc.rpc.signing_servicer import SigningServicer
 from keysvc.rpc.tokens_servicer import TokenServicer
@@ -35,6 +41,12 @@ from keysvc.v1 import (
     audit_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
+    masterkey_pb2,
+    masterkey_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    replicas_pb2,
+    replicas_pb2_grpc,
     seals_pb2,
     seals_pb2_grpc,
     signing_pb2,
@@ -51,6 +63,9 @@ SERVICE_NAMES = (
 TOKEN_SERVICE_NAME = tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 AUDIT_SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 APPROVAL_SERVICE_NAME = approvals_pb2.DESCRIPTOR.services_by_name["ApprovalService"].full_name
+MASTER_KEY_SERVICE_NAME = masterkey_pb2.DESCRIPTOR.services_by_name["MasterKeyService"].full_name
+REPLICA_SERVICE_NAME = replicas_pb2.DESCRIPTOR.services_by_name["ReplicaService"].full_name
+POLICY_SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
 def _undecorated(servicer, name: str):
@@ -118,24 +133,32 @@ def create_server(
     address: str, keys: KeyManager, sealer: Sealer, options: ServerOptions = ServerOptions(),
     *, signer: Signer, tokenizer: Tokenizer | None = None, on_unavailable: Callable[[], None] | None = None,
     audit_trail: AuditTrail | None = None, security: Security | None = None, approvals: Approvals | None = None,
-    limiter: RateLimiter | None = None,
+    limiter: RateLimiter | None = None, replicas: Replica | None = None,
+    master_keys: MasterKeyAdmin | None = None, policies: PolicyBook | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to `address` ('host:0' picks a port), not yet started; it offers
-    TokenService when given a tokenizer and AuditService when given an audit trail.
+    TokenService when given a tokenizer, AuditService when given an audit trail,
+    ReplicaService when given this process's replica and MasterKeyService when given
+    `master_keys`.
     Returns the server, the bound port and its health servicer.
 
     Every unary call is observed (request id, access log, metrics: see
     rpc/interceptors.py), then authorised and audited (rpc/auth.py); `on_unavailable`
     is called after a call ends UNAVAILABLE. Without `security` the server listens
     in plain text and lets every caller do everything: for loopback development only.
-    With security and `approvals`, ImportKey, DestroyKeyVersion and ShredTokenDomain
-    need a second key-admin (ApprovalService); with security, `limiter` limits each
-    identity's Verify and Detokenize rates and expensive calls need a deadline."""
+    With security and `approvals`, ImportKey, DestroyKeyVersion, ShredTokenDomain and
+    DeliverMasterKey need a second key-admin (ApprovalService); with security, `limiter` limits each
+    identity's Verify and Detokenize rates and expensive calls need a deadline.
+    With security and `policies` (the book of security.policy), PolicyService changes
+    the policy: under dual control when given `approvals`."""
     if security is None:
         approvals = None  # dual control needs identities
+        policies = None  # no policy to change
+    policy_servicer = PolicyServicer(policies) if policies is not None else None
+    prechecks = {PROPOSE_POLICY_METHOD: policy_servicer.check_proposal} if policy_servicer else {}
     server = new_grpc_server(options, [
         ObservingInterceptor(on_unavailable, access_log=options.access_log),
-        AuthInterceptor(security.policy if security else None, audit_trail, approvals, limiter),
+        AuthInterceptor(security.policy if security else None, audit_trail, approvals, limiter, prechecks),
     ])
     key_servicer = KeyServicer(keys)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(key_servicer, server)
@@ -156,9 +179,23 @@ def create_server(
     if audit_trail is not None:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_trail), server)
         service_names = (*service_names, AUDIT_SERVICE_NAME)
+    if master_keys is not None:
+        # DeliverMasterKey runs only as an approved operation (see MasterKeyServicer).
+        master_key_servicer = MasterKeyServicer(master_keys)
+        masterkey_pb2_grpc.add_MasterKeyServiceServicer_to_server(master_key_servicer, server)
+        runners[DELIVER_METHOD] = (masterkey_pb2.DeliverMasterKeyRequest, master_key_servicer.deliver_approved)
+        service_names = (*service_names, MASTER_KEY_SERVICE_NAME)
+    if policy_servicer is not None:
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(policy_servicer, server)
+        runners[PROPOSE_POLICY_METHOD] = (policy_pb2.ProposePolicyRequest,
+                                          _undecorated(policy_servicer, "ProposePolicy"))
+        service_names = (*service_names, POLICY_SERVICE_NAME)
     if approvals is not None:
         approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(ApprovalServicer(approvals, runners), server)
         service_names = (*service_names, APPROVAL_SERVICE_NAME)
+    if replicas is not None:
+        replicas_pb2_grpc.add_ReplicaServiceServicer_to_server(ReplicaServicer(replicas), server)
+        service_names = (*service_names, REPLICA_SERVICE_NAME)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *service_names):

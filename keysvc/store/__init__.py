@@ -4,6 +4,12 @@ The store holds only what may be stored: metadata, check values and keys wrapped
 under the HSM master key. Every change to a key goes through `update_key`, an
 optimistic transaction on the key's revision, so concurrent writers (threads,
 worker processes, replicas) never lose an update or leave half of one.
+
+Every change also appends a row to `key_changes` in its transaction (and, on
+PostgreSQL, sends NOTIFY keysvc_key_changes): every serving process follows that log
+to drop what it cached (keysvc.replicas). The appends are serialised, so the log's
+sequence numbers become visible in order and a follower that read up to N has seen
+every change up to N.
 """
 
 from __future__ import annotations
@@ -33,11 +39,15 @@ from keysvc.model import (
     KeyVersion,
     KeyVersionState,
 )
-from keysvc.store.schema import key_versions, keys
+from keysvc.store.schema import key_changes, key_versions, keys
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # Any constant: serialises migrations of replicas that start together on PostgreSQL.
 _MIGRATION_LOCK_ID = 0x6B657973
+# Another constant: serialises appends to key_changes on PostgreSQL (see _log_change).
+_KEY_CHANGES_LOCK_ID = 0x6B657974
+# The channel every key change is announced on (payload: the key id).
+KEY_CHANGES_CHANNEL = "keysvc_key_changes"
 _MAX_UPDATE_ATTEMPTS = 20
 
 
@@ -197,6 +207,7 @@ class KeyStore:
                 revision=row.revision,
                 platform=KeyPlatform(row.platform),
                 charset=Charset(row.charset),
+                pending_primary=row.pending_primary,
             )
             for row in key_rows
         ]
@@ -243,6 +254,7 @@ class KeyStore:
                         platform=key.platform.value,
                         charset=key.charset.value,
                         primary_version=key.primary_version,
+                        pending_primary=key.pending_primary,
                         revision=1,
                         created_at=key.created_at,
                         updated_at=key.updated_at,
@@ -250,6 +262,7 @@ class KeyStore:
                 )
                 for version in key.versions:
                     connection.execute(sa.insert(key_versions).values(**_version_values(key.key_id, version)))
+                _log_change(connection, key.key_id, 1, key.created_at)
         except exc.IntegrityError:
             raise AlreadyExists(f"key {key.key_id!r} already exists") from None
         return replace(key, revision=1)
@@ -283,6 +296,7 @@ class KeyStore:
                     .where(keys.c.key_id == current.key_id, keys.c.revision == current.revision)
                     .values(
                         primary_version=wanted.primary_version,
+                        pending_primary=wanted.pending_primary,
                         revision=current.revision + 1,
                         updated_at=now,
                     )
@@ -303,6 +317,25 @@ class KeyStore:
                             )
                             .values(**values)
                         )
+                _log_change(connection, current.key_id, current.revision + 1, now)
         except exc.IntegrityError:
             return None  # a version number taken concurrently: retry with fresh state
         return replace(wanted, revision=current.revision + 1, updated_at=now)
+
+
+def _log_change(connection, key_id: str, revision: int, now: datetime) -> None:
+    """Appends the change to key_changes and announces it, in the caller's transaction.
+
+    On PostgreSQL a sequence hands out numbers in the order transactions ask, not in
+    the order they commit: a follower could read N+1 before N commits, and skip N. So
+    appends take a transaction lock, held until commit, as the last step of the
+    transaction: numbers become visible in order. Key changes are admin operations, so
+    serialising them costs nothing that matters. (SQLite has one writer at a time.)
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _KEY_CHANGES_LOCK_ID})
+    connection.execute(sa.insert(key_changes).values(key_id=key_id, revision=revision, changed_at=now))
+    if connection.dialect.name == "postgresql":
+        # Delivered at commit, and only if the transaction commits.
+        connection.execute(sa.text("SELECT pg_notify(:channel, :key_id)"),
+                           {"channel": KEY_CHANGES_CHANNEL, "key_id": key_id})

@@ -12,6 +12,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     text,
 )
 
@@ -29,6 +30,9 @@ keys = Table(
     Column("platform", String(16), nullable=False),
     Column("charset", String(16), nullable=False),
     Column("primary_version", Integer, nullable=False),
+    # A rotation's new version, waiting for every live replica to load it before it
+    # becomes primary (safe rotation across replicas); NULL when none waits.
+    Column("pending_primary", Integer, nullable=True),
     # Bumped by every change to the key or its versions (optimistic concurrency and
     # cache coherence between workers and replicas).
     Column("revision", Integer, nullable=False),
@@ -165,4 +169,76 @@ pending_operations = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("state", String(16), nullable=False),
     Column("decided_by", String(512), nullable=False, server_default=""),
+)
+
+# Keys every replica shares (binding key, import key pair), wrapped under the master
+# key; and the master key's check value, so a replica with another master is refused.
+shared_keys = Table(
+    "shared_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("public_key", LargeBinary, nullable=False, server_default=text("''")),
+    Column("check_value", String(16), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# A new replica asking for the master key: its HSM's transport public key, and once two
+# key-admins approved, the master key wrapped to it (RSA-OAEP, inside the HSM).
+enrollments = Table(
+    "enrollments",
+    metadata,
+    Column("enrollment_id", String(32), primary_key=True),
+    Column("replica_name", String(256), nullable=False),
+    Column("transport_public_key", LargeBinary, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("wrapped_master_key", LargeBinary, nullable=True),
+    Column("master_check_value", String(16), nullable=False, server_default=""),
+    Column("delivered_by", String(512), nullable=False, server_default=""),
+)
+
+# Every serving process registers and heartbeats; `seen_change` is the last entry of
+# `key_changes` whose effect it has loaded (safe rotation waits on it).
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("replica_id", String(128), primary_key=True),
+    Column("address", String(256), nullable=False, server_default=""),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("seen_change", BigInteger, nullable=False, server_default="0"),
+)
+
+# Every change to a key, in commit order (see keysvc.store._log_change); pruned after
+# an hour. AUTOINCREMENT on SQLite: a number is never handed out twice, even once the
+# newest rows are pruned.
+key_changes = Table(
+    "key_changes",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("key_id", String(140), nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
+)
+Index("ix_key_changes_key_id", key_changes.c.key_id, key_changes.c.seq)
+# The few keys whose rotation waits for promotion, found without scanning every key.
+Index("ix_keys_pending_primary", keys.c.key_id,
+      sqlite_where=text("pending_primary IS NOT NULL"), postgresql_where=text("pending_primary IS NOT NULL"))
+
+# Role policies two key-admins approved (keysvc.policies), newest revision in force.
+# `tag` binds each row to its revision, text and approvers with the HSM's binding key,
+# so a row written straight into the database is refused.
+policies = Table(
+    "policies",
+    metadata,
+    Column("revision", Integer, primary_key=True, autoincrement=False),
+    Column("document", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("proposed_by", String(512), nullable=False),
+    Column("approved_by", String(512), nullable=False),
+    Column("approved_at", DateTime(timezone=True), nullable=False),
+    Column("tag", LargeBinary, nullable=False),
 )

@@ -279,6 +279,14 @@ class TokenStore:
                     tokens.c.domain == domain, tokens.c.token == token, tokens.c.expires_at <= now)).rowcount
         return deleted
 
+    def count_live(self, now: datetime) -> int:
+        """How many tokens of every domain have not expired at `now` (for metrics)."""
+        with _database_errors(), self._engine.connect() as connection:
+            return connection.execute(
+                sa.select(sa.func.count()).select_from(tokens)
+                .where(sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now))
+            ).scalar_one()
+
     def tokens_below_version(self, domain: str, version: int, limit: int = JOB_BATCH) -> list[TokenRecord]:
         """Up to `limit` tokens of the domain encrypted under a data key older than `version`."""
         with _database_errors(), self._engine.connect() as connection:

@@ -99,7 +99,7 @@ class KeyVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[KeyVersionState, str]] = ..., origin: _Optional[_Union[KeyOrigin, str]] = ..., check_value: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., destroy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Key(_message.Message):
-    __slots__ = ("key_id", "merchant_id", "name", "purpose", "algorithm", "primary_version", "versions", "create_time", "update_time", "platform", "charset")
+    __slots__ = ("key_id", "merchant_id", "name", "purpose", "algorithm", "primary_version", "versions", "create_time", "update_time", "platform", "charset", "pending_primary")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MERCHANT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class Key(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     CHARSET_FIELD_NUMBER: _ClassVar[int]
+    PENDING_PRIMARY_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     merchant_id: str
     name: str
@@ -122,7 +123,8 @@ class Key(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     platform: KeyPlatform
     charset: Charset
-    def __init__(self, key_id: _Optional[str] = ..., merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., primary_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[KeyVersion, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., platform: _Optional[_Union[KeyPlatform, str]] = ..., charset: _Optional[_Union[Charset, str]] = ...) -> None: ...
+    pending_primary: int
+    def __init__(self, key_id: _Optional[str] = ..., merchant_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ..., algorithm: _Optional[_Union[KeyAlgorithm, str]] = ..., primary_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[KeyVersion, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., platform: _Optional[_Union[KeyPlatform, str]] = ..., charset: _Optional[_Union[Charset, str]] = ..., pending_primary: _Optional[int] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
     __slots__ = ("merchant_id", "name", "purpose", "algorithm", "platform", "charset")

@@ -113,7 +113,10 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateKey(self, request, context):
-        """Adds a new version generated inside the HSM and makes it the primary.
+        """Adds a new version generated inside the HSM and makes it the primary. With
+        safe rotation (replicas), the version is first pending_primary: it verifies
+        everywhere, and becomes primary once every live replica has loaded it; the
+        call waits for that a few seconds at most.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

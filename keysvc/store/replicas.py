@@ -1,0 +1,152 @@
+"""Replicas in SQL: every serving process's registration and heartbeat, and the log of
+key changes they follow (`key_changes`, appended by KeyStore).
+
+Liveness is judged by the database's clock (PostgreSQL's now()), never a replica's:
+replicas on other hosts may disagree about the time, the database does not. SQLite
+serves one machine, whose clock is the database's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import sqlalchemy as sa
+
+from keysvc.store import _as_utc, _database_errors
+from keysvc.store.schema import key_changes, keys, replicas
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """One registered serving process, and whether its heartbeat is recent enough."""
+
+    replica_id: str
+    address: str
+    started_at: datetime
+    heartbeat_at: datetime
+    seen_change: int
+    live: bool
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """One entry of the key change log."""
+
+    seq: int
+    key_id: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class PendingPromotion:
+    """A key whose rotation waits: its pending version and the newest change of the key."""
+
+    key_id: str
+    pending_primary: int
+    last_change: int
+
+
+class ReplicaStore:
+    """The replicas table and the key change log, over the KeyStore's engine. Thread-safe."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._postgresql = engine.dialect.name == "postgresql"
+
+    def _now(self):
+        """The database's time, as an SQL expression (Python's, given as a value, on SQLite)."""
+        return sa.func.now() if self._postgresql else datetime.now(timezone.utc)
+
+    def _live_after(self, timeout: float):
+        """SQL for the oldest heartbeat that still counts as live."""
+        if self._postgresql:
+            return sa.func.now() - sa.literal(timedelta(seconds=timeout), sa.Interval())
+        return datetime.now(timezone.utc) - timedelta(seconds=timeout)
+
+    # -- registration ---------------------------------------------------------------------
+
+    def register(self, replica_id: str, address: str, seen_change: int) -> None:
+        """Adds (or renews, after a restart under the same id) this process's row."""
+        with _database_errors(), self._engine.begin() as connection:
+            connection.execute(sa.delete(replicas).where(replicas.c.replica_id == replica_id))
+            connection.execute(sa.insert(replicas).values(
+                replica_id=replica_id, address=address, started_at=self._now(), heartbeat_at=self._now(),
+                seen_change=seen_change))
+
+    def heartbeat(self, replica_id: str, seen_change: int) -> bool:
+        """Says this process is alive and has applied every change up to `seen_change`.
+        False when its row is gone (pruned while this process was cut off): register again."""
+        with _database_errors(), self._engine.begin() as connection:
+            updated = connection.execute(
+                sa.update(replicas).where(replicas.c.replica_id == replica_id)
+                .values(heartbeat_at=self._now(), seen_change=seen_change))
+        return updated.rowcount == 1
+
+    def deregister(self, replica_id: str) -> None:
+        with _database_errors(), self._engine.begin() as connection:
+            connection.execute(sa.delete(replicas).where(replicas.c.replica_id == replica_id))
+
+    def list_replicas(self, timeout: float) -> list[ReplicaRecord]:
+        """Every registered process, live or not, by id."""
+        live = (replicas.c.heartbeat_at > self._live_after(timeout)).label("live")
+        with _database_errors(), self._engine.connect() as connection:
+            rows = connection.execute(sa.select(replicas, live).order_by(replicas.c.replica_id)).all()
+        return [ReplicaRecord(row.replica_id, row.address, _as_utc(row.started_at), _as_utc(row.heartbeat_at),
+                              row.seen_change, bool(row.live)) for row in rows]
+
+    def prune_replicas(self, dead_for: float) -> int:
+        """Deletes the rows of processes silent for `dead_for` seconds (killed, not stopped)."""
+        with _database_errors(), self._engine.begin() as connection:
+            return connection.execute(
+                sa.delete(replicas).where(replicas.c.heartbeat_at <= self._live_after(dead_for))).rowcount
+
+    # -- the change log -----------------------------------------------------------------------
+
+    def latest_change(self) -> int:
+        """The newest change's number (0 when the log is empty)."""
+        with _database_errors(), self._engine.connect() as connection:
+            return connection.execute(sa.select(sa.func.coalesce(sa.func.max(key_changes.c.seq), 0))).scalar_one()
+
+    def changes_after(self, seq: int, limit: int = 1000) -> list[KeyChange]:
+        """Up to `limit` changes numbered after `seq`, in order."""
+        with _database_errors(), self._engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(key_changes.c.seq, key_changes.c.key_id, key_changes.c.revision)
+                .where(key_changes.c.seq > seq).order_by(key_changes.c.seq).limit(limit)).all()
+        return [KeyChange(row.seq, row.key_id, row.revision) for row in rows]
+
+    def prune_changes(self, older_than: float) -> int:
+        """Deletes changes older than `older_than` seconds, but never the newest one."""
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
+        with _database_errors(), self._engine.begin() as connection:
+            newest = connection.execute(sa.select(sa.func.max(key_changes.c.seq))).scalar_one_or_none()
+            if newest is None:
+                return 0
+            return connection.execute(sa.delete(key_changes).where(
+                key_changes.c.changed_at < cutoff, key_changes.c.seq < newest)).rowcount
+
+    # -- safe rotation --------------------------------------------------------------------------
+
+    def _last_change_of(self, key_id_column):
+        return (sa.select(sa.func.coalesce(sa.func.max(key_changes.c.seq), 0))
+                .where(key_changes.c.key_id == key_id_column).scalar_subquery())
+
+    def pending_promotions(self, key_id: str | None = None) -> list[PendingPromotion]:
+        """Keys whose rotation waits (only `key_id` when given), with their newest change."""
+        query = (sa.select(keys.c.key_id, keys.c.pending_primary, self._last_change_of(keys.c.key_id).label("last"))
+                 .where(keys.c.pending_primary.is_not(None)))
+        if key_id is not None:
+            query = query.where(keys.c.key_id == key_id)
+        with _database_errors(), self._engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [PendingPromotion(row.key_id, row.pending_primary, row.last) for row in rows]
+
+    def least_seen_change(self, timeout: float, excluding: str = "") -> int | None:
+        """The smallest `seen_change` among live processes other than `excluding`; None
+        when there is none (a process alone waits for nobody)."""
+        with _database_errors(), self._engine.connect() as connection:
+            return connection.execute(
+                sa.select(sa.func.min(replicas.c.seen_change))
+                .where(replicas.c.heartbeat_at > self._live_after(timeout), replicas.c.replica_id != excluding)
+            ).scalar_one_or_none()
