@@ -15,6 +15,10 @@ from hsm.errors import (
 )
 from hsm.token import (
     DEFAULT_MODULE_PATH,
+    MASTER_CHECK_VALUE_DIGITS,
+    MASTER_LONG_CHECK_VALUE_DIGITS,
+    TRANSPORT_KEY_BITS,
+    TRANSPORT_KEY_LABEL_PREFIX,
     Digest,
     Hsm,
     HsmConfig,
@@ -36,7 +40,11 @@ __all__ = [
     "HsmStaleHandle",
     "HsmUnavailable",
     "HsmUnwrapFailed",
+    "MASTER_CHECK_VALUE_DIGITS",
+    "MASTER_LONG_CHECK_VALUE_DIGITS",
     "RsaPadding",
     "SecretKeyHandle",
+    "TRANSPORT_KEY_BITS",
+    "TRANSPORT_KEY_LABEL_PREFIX",
     "WrappedSharedKeys",
 ]

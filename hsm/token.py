@@ -11,11 +11,13 @@ Facts this module is built on (measured on SoftHSM2 2.6.1, see shared/HSM-NOTES.
 - Looking keys up by label is slow: token keys are found once, at connect time;
   merchant keys are unwrapped into session objects and used by handle.
 
-What the token holds: only the master key (AES-256, wrap/unwrap), the one key the
-HSMs of a deployment share. The other keys every replica needs (the binding key and
-the import key pair) are made in the HSM, wrapped under the master key and kept by
-the caller (keysvc stores them in its database); `install_shared_keys` unwraps them
-into session objects. This module knows nothing of where they are stored.
+What the token holds: only the master key (AES-256, wrap/unwrap), the one key that
+several HSMs may share. The other keys every HSM sharing it needs (the binding key and
+the import key pair) are made in an HSM, wrapped under the master key and handed to
+the caller to keep; `install_shared_keys` unwraps them into session objects. This
+module knows nothing of where they are kept, and trusts nothing the caller keeps
+beyond what the HSM can check: the import public key is read from the unwrapped
+private key, not taken from the caller.
 """
 
 from __future__ import annotations
@@ -53,19 +55,19 @@ DEFAULT_MODULE_PATH = "/usr/lib/softhsm/libsofthsm2.so"
 
 # Labels of the token objects keysvc owns. The "-1" leaves room for a new generation.
 MASTER_KEY_LABEL = "keysvc-master-1"
-# Tokens made before the shared keys moved into the database held these as token
-# objects; they are still used when a database has no shared keys of its own.
+# Older tokens held the shared keys as token objects under these labels; a caller may
+# still use them (use_token_held_shared_keys).
 BINDING_KEY_LABEL = "keysvc-binding-1"
 IMPORT_KEY_LABEL = "keysvc-import-1"
 IMPORT_KEY_BITS = 3072
-# A replica being enrolled receives the master key under an RSA transport key pair of
-# its own HSM (the private half a token object that only unwraps), labelled with this
+# An HSM being given the master key receives it under an RSA transport key pair of
+# its own (the private half a token object that only unwraps), labelled with this
 # prefix and the enrollment's name.
 TRANSPORT_KEY_LABEL_PREFIX = "keysvc-transport-"
 TRANSPORT_KEY_BITS = 3072
 
 # The master key. SENSITIVE: its value is never readable in plaintext. EXTRACTABLE:
-# it may leave the HSM wrapped, to enroll another replica's HSM (RSA-OAEP to its
+# it may leave the HSM wrapped, to give it to another HSM (RSA-OAEP to its
 # transport key) or for a backup (under a backup key split among custodians).
 # On a production HSM one would also set CKA_WRAP_WITH_TRUSTED, so that it can be
 # wrapped only under keys the security officer marked CKA_TRUSTED (the transport
@@ -77,9 +79,15 @@ _MASTER_KEY_TEMPLATE = {
     Attribute.ENCRYPT: False, Attribute.DECRYPT: False,
     Attribute.SIGN: False, Attribute.VERIFY: False,
 }
-# The master key check value (see master_key_check_value): RFC 3394 AES key wrap (no
-# padding, deterministic) of this all-zero AES-256 key under the master key.
+# The master key check value (see master_key_check_value): SHA-256 over the RFC 3394
+# AES key wrap (no padding, deterministic) of this all-zero AES-256 key under the
+# master key. Its first 3 bytes (6 hex digits) name the key to a person; they do not
+# prove it: 2^24 tries find another key with the same 6 digits. A key that must be
+# proved against someone able to try keys is compared on the first 16 bytes (32 hex
+# digits, the long check value), which no search reaches.
 _CHECK_VALUE_KEY = bytes(32)
+MASTER_CHECK_VALUE_DIGITS = 6
+MASTER_LONG_CHECK_VALUE_DIGITS = 32
 
 # An exact secret (see envelope_imported_secret) travels in an envelope: this marker,
 # the length of the wrapped one-off private key (2 bytes), that key, then the secret
@@ -193,7 +201,8 @@ class WrappedSharedKeys:
 
     binding_key: HMAC-SHA256 key binding stored records to their metadata.
     import_private_key: RSA-3072 private key that unwraps secrets sent for import.
-    import_public_key: its public half, DER RSAPublicKey (PKCS#1).
+    import_public_key: its public half, DER RSAPublicKey (PKCS#1). It is public, and
+    install_shared_keys never trusts it: it reads the public half from the private key.
     """
 
     binding_key: bytes = field(repr=False)
@@ -463,7 +472,8 @@ class Hsm:
 
     def ensure_master_key(self) -> bool:
         """Creates the master key (AES-256, token object) unless the token holds one;
-        returns whether it did. Callers on one host take turns (see keysvc.service)."""
+        returns whether it did. Two processes on one host must not call it at once on a
+        token without one (they would make two): the caller serialises them."""
         with self._locked() as session:
             if self._master_key is not None:
                 return False
@@ -476,14 +486,23 @@ class Hsm:
         SHA-256 over the RFC 3394 AES key wrap (CKM_AES_KEY_WRAP, deterministic) of an
         all-zero AES-256 key under the master key. The master only wraps and unwraps,
         so the usual KCV (encrypting a zero block) is not available; this one is the
-        same for the same key in any HSM and shows nothing of it.
+        same for the same key in any HSM and shows nothing of it. It names the key; to
+        prove a key, compare master_key_long_check_value.
+
+        Raises HsmConfigurationError when the token holds no master key."""
+        return self.master_key_long_check_value()[:MASTER_CHECK_VALUE_DIGITS]
+
+    def master_key_long_check_value(self) -> str:
+        """The master key's long check value: 32 upper-case hex digits, the first 16
+        bytes of the same SHA-256 (so it starts with master_key_check_value). Finding
+        another key with the same long check value takes about 2^128 tries.
 
         Raises HsmConfigurationError when the token holds no master key."""
         with self._locked():
             self._require_token_keys()
-            return self._check_value_of(self._master_key)
+            return self._long_check_value_of(self._master_key)
 
-    def _check_value_of(self, master: pkcs11.SecretKey) -> str:
+    def _long_check_value_of(self, master: pkcs11.SecretKey) -> str:
         # Called under the lock.
         zero_key = self._session.create_object({
             Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
@@ -494,7 +513,7 @@ class Hsm:
             wrapped = master.wrap_key(zero_key, mechanism=Mechanism.AES_KEY_WRAP)
         finally:
             zero_key.destroy()
-        return hashlib.sha256(wrapped).digest()[:3].hex().upper()
+        return hashlib.sha256(wrapped).digest()[:MASTER_LONG_CHECK_VALUE_DIGITS // 2].hex().upper()
 
     def _require_extractable_master(self) -> None:
         # Called under the lock.
@@ -510,17 +529,31 @@ class Hsm:
         if self._master_key is not None:
             raise HsmConfigurationError("the token already holds a keysvc master key")
 
-    def _take_master_key(self, master: pkcs11.SecretKey, expected_check_value: str) -> str:
-        """Keeps a master key just unwrapped into the token if it has the expected check
-        value; otherwise destroys it and raises HsmKeyCheckFailed. Called under the lock."""
-        check_value = self._check_value_of(master)
-        if check_value != expected_check_value.upper():
+    @staticmethod
+    def _checked_expected_value(expected_check_value: str) -> str:
+        expected = expected_check_value.strip().upper()
+        if (len(expected) not in (MASTER_CHECK_VALUE_DIGITS, MASTER_LONG_CHECK_VALUE_DIGITS)
+                or any(digit not in "0123456789ABCDEF" for digit in expected)):
+            raise ValueError(f"a master key check value is {MASTER_CHECK_VALUE_DIGITS} or "
+                             f"{MASTER_LONG_CHECK_VALUE_DIGITS} hex digits")
+        return expected
+
+    def _take_master_key(self, master: pkcs11.SecretKey, expected: str) -> str:
+        """Keeps a master key just unwrapped into the token if its check value, short or
+        long as `expected` is, is `expected`; otherwise (or if checking it fails) destroys
+        it, so that no unverified key stays in the token, and raises HsmKeyCheckFailed
+        (or what the check raised). Returns the long check value. Called under the lock."""
+        try:
+            long_check_value = self._long_check_value_of(master)
+            found = long_check_value[:len(expected)]
+            if found != expected:
+                raise HsmKeyCheckFailed(
+                    f"the master key received has check value {found}, not {expected}: it was not kept")
+        except BaseException:
             master.destroy()
-            raise HsmKeyCheckFailed(
-                f"the master key received has check value {check_value}, not {expected_check_value.upper()}: "
-                "it was not kept")
+            raise
         self._master_key = master
-        return check_value
+        return long_check_value
 
     # -- shared keys -----------------------------------------------------------------
     #
@@ -560,7 +593,15 @@ class Hsm:
         the import methods use from now on (again after every re-initialisation).
         Installing the keys already installed does nothing.
 
-        Raises HsmUnwrapFailed when they were not wrapped under this token's master key."""
+        The import public key served from now on (import_public_key_der) is read from
+        the unwrapped private key (its modulus and public exponent), never taken from
+        `shared`: whoever can alter what the caller keeps cannot make senders wrap
+        secrets to a key of their own. `shared.import_public_key` may be empty; if not,
+        it must be that key.
+
+        Raises HsmUnwrapFailed when they were not wrapped under this token's master key,
+        HsmKeyCheckFailed when `shared.import_public_key` is not the private key's
+        public half (nothing is installed)."""
         with self._locked():
             self._require_token_keys()
             if shared == self._shared_keys and self._binding_key is not None:
@@ -587,8 +628,16 @@ class Hsm:
         except BaseException:
             binding.destroy()
             raise
+        try:
+            public_der = self._public_der_of(private)
+            if shared.import_public_key and shared.import_public_key != public_der:
+                raise HsmKeyCheckFailed("the import public key given is not the import private key's public half")
+        except BaseException:
+            binding.destroy()
+            private.destroy()
+            raise
         self._binding_key, self._import_private_key = binding, private
-        self._import_public_der = shared.import_public_key
+        self._import_public_der = public_der
 
     @property
     def installed_shared_keys(self) -> WrappedSharedKeys | None:
@@ -605,8 +654,8 @@ class Hsm:
 
     def use_token_held_shared_keys(self) -> None:
         """Uses the token's own binding key and import key pair (an older token, whose
-        records are bound with them) instead of installed shared keys. Such a token
-        cannot share a database with another HSM. Raises HsmConfigurationError when
+        records are bound with them) instead of installed shared keys. Such a token's
+        keys cannot be shared with another HSM. Raises HsmConfigurationError when
         the token holds none."""
         with self._locked():
             self._require_token_keys()
@@ -618,14 +667,14 @@ class Hsm:
     def _find_token_held_shared_keys(self) -> None:
         self._binding_key = self._find_key(ObjectClass.SECRET_KEY, BINDING_KEY_LABEL)
         self._import_private_key = self._find_key(ObjectClass.PRIVATE_KEY, IMPORT_KEY_LABEL)
-        public = self._find_key(ObjectClass.PUBLIC_KEY, IMPORT_KEY_LABEL)
-        self._import_public_der = encode_rsa_public_key(public) if public is not None else b""
+        self._import_public_der = (self._public_der_of(self._import_private_key)
+                                   if self._import_private_key is not None else b"")
 
     def ensure_token_keys(self) -> None:
         """For a token used alone, by one process (tests, tools): creates the master key
         if missing and, unless shared keys are installed, makes and installs new ones
-        (kept by this process only). A service gets its shared keys from its database
-        instead (keysvc.deployment), so that every replica has the same."""
+        (kept by this process only). HSMs that share a master key should instead
+        install the same shared keys, made once (make_shared_keys)."""
         self.ensure_master_key()
         if self._shared_keys is None and not self._token_held_shared_keys:
             self.install_shared_keys(self.make_shared_keys())
@@ -639,18 +688,18 @@ class Hsm:
     def _require_shared_keys(self) -> None:
         self._require_token_keys()
         if self._binding_key is None or self._import_private_key is None:
-            raise HsmConfigurationError("no shared keys are installed (keysvc installs them from its database at start)")
+            raise HsmConfigurationError("no shared keys are installed (install_shared_keys)")
 
     @property
     def import_public_key_der(self) -> bytes:
         """The import key's public half, DER RSAPublicKey (PKCS#1)."""
         if not self._import_public_der:
-            raise HsmConfigurationError("no shared keys are installed (keysvc installs them from its database at start)")
+            raise HsmConfigurationError("no shared keys are installed (install_shared_keys)")
         return self._import_public_der
 
     # -- enrollment: the master key to another HSM ----------------------------------------
     #
-    # The new replica's HSM makes an RSA transport key pair whose private half only
+    # The receiving HSM makes an RSA transport key pair whose private half only
     # unwraps and never leaves it; an HSM holding the master key wraps the master to the
     # public half (RSA-OAEP with SHA-1 and MGF1-SHA-1, the only OAEP SoftHSM unwraps);
     # the new HSM unwraps it into a token object. The master is never in plaintext
@@ -704,11 +753,15 @@ class Hsm:
 
     def receive_master_key(self, transport_label: str, wrapped_master_key: bytes, expected_check_value: str) -> str:
         """Unwraps a master key sent to the transport key `transport_label` into the
-        token (a token object with a created master's attributes) and returns its check
-        value. A key whose check value is not `expected_check_value` is destroyed
-        (HsmKeyCheckFailed). Raises HsmConfigurationError when the token already holds a
-        master key or has no such transport key, HsmUnwrapFailed when the data was not
-        wrapped to it."""
+        token (a token object with a created master's attributes) and returns its long
+        check value. `expected_check_value` is the short (6 hex digits) or long (32)
+        check value the key must have; pass the long one when whoever sent the wrapped
+        key could have searched for a key matching the short one. A key that does not
+        have it is destroyed (HsmKeyCheckFailed). Raises ValueError when
+        `expected_check_value` is not 6 or 32 hex digits, HsmConfigurationError when the
+        token already holds a master key or has no such transport key, HsmUnwrapFailed
+        when the data was not wrapped to it."""
+        expected = self._checked_expected_value(expected_check_value)
         with self._locked():
             self._require_no_master_key()
             private = self._find_key(ObjectClass.PRIVATE_KEY, transport_label)
@@ -720,11 +773,11 @@ class Hsm:
                     mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, store=True,
                     template=_MASTER_KEY_TEMPLATE,
                 )
-            return self._take_master_key(master, expected_check_value)
+            return self._take_master_key(master, expected)
 
     # -- backup: the master key under a backup key --------------------------------------
     #
-    # The caller brings the backup key's value (keysvc combines it from custodians'
+    # The caller brings the backup key's value (e.g. combined from custodians'
     # components); it exists in the HSM only as a session object that wraps or unwraps.
 
     def _backup_key(self, backup_key: bytes, *, wrap: bool) -> pkcs11.SecretKey:
@@ -753,10 +806,12 @@ class Hsm:
 
     def restore_master_key(self, backup_key: bytes, wrapped_master_key: bytes, expected_check_value: str) -> str:
         """Unwraps a master key wrapped under the AES-256 key `backup_key` into a token
-        without one, and returns its check value; a key whose check value is not
-        `expected_check_value` is destroyed (HsmKeyCheckFailed). Raises
+        without one, and returns its long check value; a key whose check value (short or
+        long, as `expected_check_value` is) differs is destroyed (HsmKeyCheckFailed).
+        Raises ValueError when `expected_check_value` is not 6 or 32 hex digits,
         HsmConfigurationError when the token already holds a master key,
         HsmUnwrapFailed when the backup key is not the one it was wrapped under."""
+        expected = self._checked_expected_value(expected_check_value)
         with self._locked():
             self._require_no_master_key()
             key = self._backup_key(backup_key, wrap=False)
@@ -768,7 +823,7 @@ class Hsm:
                     )
             finally:
                 key.destroy()
-            return self._take_master_key(master, expected_check_value)
+            return self._take_master_key(master, expected)
 
     # -- merchant secret keys ------------------------------------------------------------
 

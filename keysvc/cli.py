@@ -153,6 +153,27 @@ def _call(ctx: click.Context, method, request):
         ctx.exit(EXIT_ERROR)
 
 
+def _call_or_pending(ctx: click.Context, method, request, **facts: str):
+    """_call for a dual-control request: the response, or None when it now waits for a
+    second key-admin (APPROVAL_REQUIRED), after printing the pending operation's id and
+    `facts` (JSON with --json; exit 0). Other errors exit as _call's do."""
+    try:
+        return _client(ctx).call(method, request)
+    except KeysvcCallError as error:
+        if error.reason != "APPROVAL_REQUIRED":
+            click.echo(f"error: {error.code.name}: {error.message}", err=True)
+            ctx.exit(EXIT_ERROR)
+        operation_id = error.metadata.get("operation_id", "")
+    if ctx.obj["json"]:
+        click.echo(json.dumps({"pending_operation": {"operation_id": operation_id, **facts}}, indent=2,
+                              sort_keys=True))
+    else:
+        described = "".join(f" ({name.replace('_', ' ')} {value})" for name, value in facts.items())
+        click.echo(f"pending operation {operation_id}{described}: a second key-admin approves it with "
+                   f"keysvc approvals approve {operation_id}")
+    return None
+
+
 def _print(ctx: click.Context, message, human: str) -> None:
     if ctx.obj["json"]:
         click.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
@@ -977,18 +998,10 @@ def policy_propose(ctx, policy_file) -> None:
     checking its digest (sha256sum POLICY_FILE) against the one the pending operation names."""
     text = policy_file.read()
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    client = _client(ctx)
-    try:
-        response = client.call(client.policy.ProposePolicy, policy_pb2.ProposePolicyRequest(policy_toml=text))
-    except KeysvcCallError as error:
-        if error.reason == "APPROVAL_REQUIRED":
-            operation_id = error.metadata.get("operation_id", "")
-            click.echo(f"pending operation {operation_id} (policy sha256 {digest}): a second key-admin approves "
-                       f"it with keysvc approvals approve {operation_id}")
-            return
-        click.echo(f"error: {error.code.name}: {error.message}", err=True)
-        ctx.exit(EXIT_ERROR)
-    _print(ctx, response, f"in force: {_describe_policy(response.policy)}")
+    response = _call_or_pending(ctx, _client(ctx).policy.ProposePolicy,
+                                policy_pb2.ProposePolicyRequest(policy_toml=text), policy_sha256=digest)
+    if response is not None:
+        _print(ctx, response, f"in force: {_describe_policy(response.policy)}")
 
 
 # -- audit ----------------------------------------------------------------------------------------
@@ -1099,10 +1112,17 @@ def _local_token(hsm_module: str, token_label: str, pin_file: str | None):
                                          module_path=hsm_module))
 
 
+@contextlib.contextmanager
 def _database_engine(database_url: str):
+    """The deployment's database, for an admin command: never migrated from here (the
+    serving replicas migrate it), and closed when the command ends."""
     from keysvc.store import KeyStore
 
-    return KeyStore.open(database_url).engine
+    store = KeyStore.open(database_url, run_migrations=False)
+    try:
+        yield store.engine
+    finally:
+        store.close()
 
 
 @replica.command("enroll")
@@ -1110,27 +1130,37 @@ def _database_engine(database_url: str):
               help="The deployment's database, postgresql://USER@HOST:PORT/DB (env KEYSVC_DATABASE_URL).")
 @click.option("--name", "replica_name", default=None, help="This replica's name [default: the host name].")
 @click.option("--complete", "complete_id", default=None, metavar="ID",
-              help="Take the master key delivered to enrollment ID into this token.")
+              help="Take the master key delivered to enrollment ID into this token (with --check-value).")
+@click.option("--check-value", "expected_check_value", default=None, metavar="VALUE",
+              help="With --complete: the master key's long check value (32 hex digits), read on a serving "
+                   "replica (keysvc master-key check on its host, or GetMasterKeyCheckValue over mutual TLS), "
+                   "never from the database.")
 @_with_hsm_options
-def replica_enroll(database_url, replica_name, complete_id, hsm_module, token_label, pin_file) -> None:
+def replica_enroll(database_url, replica_name, complete_id, expected_check_value, hsm_module, token_label,
+                   pin_file) -> None:
     """On a new replica's host (its token holds no master key): ask for the master key.
 
     Without --complete: makes an RSA transport key pair in this HSM and records the request;
     prints the enrollment id and the transport key's fingerprint, which the key-admins check
     (keysvc replica deliver ID --fingerprint ...; a second key-admin approves). With
-    --complete ID: unwraps the delivered master key into this token, checks it, and prints
-    its check value."""
+    --complete ID --check-value VALUE: unwraps the delivered master key into this token, keeps
+    it only if its long check value is VALUE, and prints it. Run it again if it stopped
+    part-way: it finishes what is left."""
     import socket
 
     from keysvc import masterkey
 
-    with _local_errors():
+    if complete_id and not expected_check_value:
+        raise click.UsageError("--complete needs --check-value: the master key's long check value, read on a "
+                               "serving replica (keysvc master-key check on its host)")
+    if expected_check_value and not complete_id:
+        raise click.UsageError("--check-value goes with --complete")
+    with _local_errors(), _database_engine(database_url) as engine:
         token = _local_token(hsm_module, token_label, pin_file)
-        engine = _database_engine(database_url)
         if complete_id:
-            check_value = masterkey.complete_enrollment(token, engine, complete_id)
+            check_value = masterkey.complete_enrollment(token, engine, complete_id, expected_check_value)
             click.echo(f"enrollment {complete_id} completed: this token holds the master key, check value "
-                       f"{check_value}")
+                       f"{masterkey.short_check_value(check_value)}, long check value {check_value}")
             return
         enrollment = masterkey.request_enrollment(token, engine, replica_name or socket.gethostname())
     click.echo(f"enrollment {enrollment.enrollment_id}\n"
@@ -1138,7 +1168,8 @@ def replica_enroll(database_url, replica_name, complete_id, hsm_module, token_la
                f"expires {enrollment.expires_at.isoformat(timespec='seconds')}\n"
                f"next: a key-admin runs keysvc replica deliver {enrollment.enrollment_id} --fingerprint "
                "<the fingerprint above>, a second one approves it, then run keysvc replica enroll --complete "
-               f"{enrollment.enrollment_id}")
+               f"{enrollment.enrollment_id} --check-value <the long check value keysvc master-key check prints "
+               "on a serving replica's host>")
 
 
 @replica.command("deliver")
@@ -1148,19 +1179,11 @@ def replica_enroll(database_url, replica_name, complete_id, hsm_module, token_la
 @click.pass_context
 def replica_deliver(ctx, enrollment_id, fingerprint) -> None:
     """Ask the server to deliver its master key to ENROLLMENT_ID (a second key-admin approves)."""
-    client = _client(ctx)
-    try:
-        response = client.call(client.master_keys.DeliverMasterKey, masterkey_pb2.DeliverMasterKeyRequest(
-            enrollment_id=enrollment_id, transport_key_fingerprint=fingerprint))
-    except KeysvcCallError as error:
-        if error.reason == "APPROVAL_REQUIRED":
-            operation_id = error.metadata.get("operation_id", "")
-            click.echo(f"pending operation {operation_id}: a second key-admin approves it with "
-                       f"keysvc approvals approve {operation_id}")
-            return
-        click.echo(f"error: {error.code.name}: {error.message}", err=True)
-        ctx.exit(EXIT_ERROR)
-    _print(ctx, response, f"delivered to {response.enrollment.enrollment_id}")
+    response = _call_or_pending(ctx, _client(ctx).master_keys.DeliverMasterKey,
+                                masterkey_pb2.DeliverMasterKeyRequest(enrollment_id=enrollment_id,
+                                                                      transport_key_fingerprint=fingerprint))
+    if response is not None:
+        _print(ctx, response, f"delivered to {response.enrollment.enrollment_id}")
 
 
 def _describe_enrollment(enrollment) -> str:
@@ -1192,17 +1215,22 @@ def master_key() -> None:
 @_with_hsm_options
 @click.pass_context
 def master_key_check(ctx, database_url, hsm_module, token_label, pin_file) -> None:
-    """Print the token's master key check value (exit 1 when it is not the database's)."""
+    """Print the token's master key check value and long check value (exit 1 when it is
+    not the database's). The long one is what replica enroll --complete --check-value takes."""
+    from keysvc.masterkey import short_check_value
     from keysvc.store.shared_keys import MASTER, SharedKeyStore
 
     with _local_errors():
-        check_value = _local_token(hsm_module, token_label, pin_file).master_key_check_value()
-        recorded = SharedKeyStore(_database_engine(database_url)).get(MASTER) if database_url else None
-    click.echo(f"master key check value {check_value}")
+        long_check_value = _local_token(hsm_module, token_label, pin_file).master_key_long_check_value()
+        recorded = None
+        if database_url:
+            with _database_engine(database_url) as engine:
+                recorded = SharedKeyStore(engine).get(MASTER)
+    click.echo(f"master key check value {short_check_value(long_check_value)}\nlong check value {long_check_value}")
     if database_url:
         if recorded is None:
             click.echo("the database records no master key yet")
-        elif recorded.check_value == check_value:
+        elif recorded.check_value == long_check_value:
             click.echo("matches the database's record")
         else:
             click.echo(f"DIFFERS from the database's record {recorded.check_value}")
@@ -1283,10 +1311,14 @@ def master_key_backup(custodians, directory, hsm_module, token_label, pin_file) 
                    "without them, each custodian is asked in turn.")
 @click.option("--custodian-key", "custodian_key_files", multiple=True, type=click.File("r"),
               help="The private key of the custodian whose --component comes at the same place.")
+@click.option("--database", "database_url", default=None,
+              help="Also require the master key this database records (its long check value).")
 @_with_hsm_options
-def master_key_restore(backup_file, component_files, custodian_key_files, hsm_module, token_label, pin_file) -> None:
+def master_key_restore(backup_file, component_files, custodian_key_files, database_url, hsm_module, token_label,
+                       pin_file) -> None:
     """Restore the master key from a backup into a token that holds none: every
-    custodian's component is needed, each opened with its custodian's private key."""
+    custodian's component is needed, each opened with its custodian's private key. With
+    --database, the restored key must also be the one that database records."""
     from keysvc import masterkey
 
     if len(component_files) != len(custodian_key_files):
@@ -1321,10 +1353,18 @@ def master_key_restore(backup_file, component_files, custodian_key_files, hsm_mo
                 click.echo(f"  component check value {one.check_value}")
                 click.confirm("  is it the check value on your record?", abort=True)
                 opened.append(one)
-        restored = masterkey.restore_master_key(token, backup, opened)
+        if database_url:
+            with _database_engine(database_url) as engine:
+                restored = masterkey.restore_master_key(token, backup, opened, engine)
+        else:
+            restored = masterkey.restore_master_key(token, backup, opened)
     click.echo(f"backup key check value {restored.backup_key_check_value}\n"
                f"restored: master key check value {restored.master_check_value} (the backup's: "
-               f"{backup.master_check_value})")
+               f"{backup.master_check_value}), long check value {restored.master_long_check_value}")
+    if restored.database_check_value:
+        click.echo("matches the database's record")
+    elif database_url:
+        click.echo("the database records no master key yet")
 
 
 

@@ -1,9 +1,10 @@
 """Whether this process can serve: a background probe of the HSM and the database.
 
 Every `interval` seconds (and at once when asked with `probe_soon`, e.g. after a
-call ended UNAVAILABLE) each dependency is checked with one cheap call: an HMAC
-with the token's binding key, which goes through the process's PKCS#11 lock and,
-while the HSM is failing, drives its recovery; and a `SELECT 1` on the database.
+call ended UNAVAILABLE) each dependency is checked with one cheap call: the master
+key's check value (one key wrap under the token's master key), which goes through
+the process's PKCS#11 lock and, while the HSM is failing, drives its recovery; and
+a `SELECT 1` on the database.
 A check that does not answer within `timeout` seconds (a database behind a network
 partition hangs rather than refuses) counts as failing; it keeps running in its own
 thread, and no second copy of it starts until it returns. When the verdict changes,

@@ -129,8 +129,10 @@ class RotationGate(Protocol):
     """Safe rotation across replicas (keysvc.replicas): a rotated key's new version waits
     as pending_primary until every live replica has loaded it."""
 
-    def await_promotion(self, key_id: str, version: int) -> Key:
-        """Waits (bounded) for `version` to stop pending and returns the key as it then is."""
+    def await_promotion(self, stored: Key, version: int) -> Key:
+        """Waits (bounded) for `version` of `stored` (the key as stored with that version
+        pending) to stop pending and returns the key as it then is. Never raises: the
+        version is stored already, and a failure would invite the caller to rotate again."""
 
 
 def promoted(key: Key, version: int) -> Key:
@@ -414,16 +416,18 @@ class KeyManager:
 
         With a rotation gate (replicas), the version is first stored ENABLED as the
         key's pending_primary, and becomes primary once every live replica has loaded
-        it; this waits for that (bounded) and returns the key as it then is: with the
-        new version primary, or still pending (it is promoted later without a caller).
+        it; this waits for that (bounded by the gate's wait and the call's deadline)
+        and returns the key as it then is: with the new version primary, or still
+        pending (it is promoted later without a caller). Once the version is stored,
+        nothing fails the call: a retry would rotate again.
         """
         current = self.get_key(key_id)
         material = self._generate_material(current.algorithm)
         if self.rotation_gate is None:
             return self._add_version(key_id, material, 0, True, current.algorithm, current.purpose)
-        _, version = self._add_version(key_id, material, 0, False, current.algorithm, current.purpose,
+        stored, version = self._add_version(key_id, material, 0, False, current.algorithm, current.purpose,
                                             pending=True)
-        return self.rotation_gate.await_promotion(key_id, version.version), version
+        return self.rotation_gate.await_promotion(stored, version.version), version
 
     def get_key(self, key_id: str) -> Key:
         """Raises InvalidArgument for a malformed id, NotFound for an unknown one."""

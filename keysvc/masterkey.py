@@ -4,15 +4,22 @@ backing the master key up under split knowledge, and restoring it.
 **Check value.** The master key only wraps and unwraps, so the usual KCV (encrypting a
 zero block) is not available: its check value is the first 3 bytes (6 upper-case hex
 digits) of SHA-256 over the RFC 3394 AES key wrap (CKM_AES_KEY_WRAP, deterministic) of
-an all-zero AES-256 key under it (hsm.Hsm.master_key_check_value).
+an all-zero AES-256 key under it (hsm.Hsm.master_key_check_value). Six digits name the
+key for people; they prove nothing to someone who can try 2^24 keys. Where a key must
+be proved (the database's record, completing an enrollment, restoring into a
+deployment) the *long check value* is compared: the first 16 bytes (32 hex digits) of
+the same SHA-256 (hsm.Hsm.master_key_long_check_value).
 
 **Enrollment.** The new replica's HSM makes an RSA-3072 transport key pair (the private
 half never leaves it and only unwraps) and asks, through the database, for the master
 key; once two distinct key-admins agree (DeliverMasterKey is dual control), a replica
 holding the master wraps it to the transport key inside its HSM (RSA-OAEP, SHA-1 and
 MGF1-SHA-1: the only OAEP SoftHSM unwraps, still sound for key transport) and stores
-it in the enrollment; the new HSM unwraps it into a token object and proves it by the
-check value. The master key never exists in plaintext outside an HSM.
+it in the enrollment; the new HSM unwraps it into a token object and keeps it only if
+it has the long check value the operator brings from a serving replica, out of band.
+Nothing in the database is trusted for that: the transport key is public, so whoever
+can write to the database could wrap a key of their own to it. The master key never
+exists in plaintext outside an HSM.
 
 **Backup under split knowledge.** SoftHSM has no CKM_XOR_BASE_AND_DATA, so the master
 key itself cannot be split into XOR components inside the HSM without its plaintext
@@ -50,7 +57,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import hsm
-from hsm.token import TRANSPORT_KEY_BITS, TRANSPORT_KEY_LABEL_PREFIX
 from keysvc.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, Unavailable
 from keysvc.store.shared_keys import MASTER, Enrollment, EnrollmentState, SharedKeyStore
 
@@ -63,6 +69,7 @@ PRIVATE_KEY_PREFIX = "x25519-private:"
 BACKUP_KEY_BYTES = 32
 _CUSTODIAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENROLLMENT_ID = re.compile(r"[0-9a-f]{16}")
+_LONG_CHECK_VALUE = re.compile(r"[0-9A-F]{%d}" % hsm.MASTER_LONG_CHECK_VALUE_DIGITS)
 
 
 def _translate(error: hsm.HsmError) -> Exception:
@@ -90,6 +97,23 @@ def key_check_value(key: bytes) -> str:
     return (encryptor.update(bytes(16)) + encryptor.finalize())[:3].hex().upper()
 
 
+def short_check_value(check_value: str) -> str:
+    """The 6-digit check value that a long master key check value begins with."""
+    return check_value[:hsm.MASTER_CHECK_VALUE_DIGITS]
+
+
+def checked_long_check_value(text: str) -> str:
+    """`text` as a long master key check value (32 hex digits; case, spaces and colons
+    ignored), upper-case. Raises InvalidArgument otherwise, naming where to read it."""
+    value = text.replace(":", "").replace(" ", "").strip().upper()
+    if not _LONG_CHECK_VALUE.fullmatch(value):
+        raise InvalidArgument(
+            "check_value", f"must be the master key's long check value ({hsm.MASTER_LONG_CHECK_VALUE_DIGITS} hex "
+            "digits), as `keysvc master-key check` prints it on a serving replica's host or GetMasterKeyCheckValue "
+            "returns it (long_check_value)")
+    return value
+
+
 def _xor(values: list[bytes]) -> bytes:
     return reduce(lambda left, right: bytes(a ^ b for a, b in zip(left, right)), values)
 
@@ -98,7 +122,7 @@ def _xor(values: list[bytes]) -> bytes:
 
 
 def transport_key_label(enrollment_id: str) -> str:
-    return TRANSPORT_KEY_LABEL_PREFIX + enrollment_id
+    return hsm.TRANSPORT_KEY_LABEL_PREFIX + enrollment_id
 
 
 def fingerprint_of(transport_public_key: bytes) -> str:
@@ -144,41 +168,63 @@ def request_enrollment(token: hsm.Hsm, engine: sa.Engine, replica_name: str, *,
     return enrollment
 
 
-def complete_enrollment(token: hsm.Hsm, engine: sa.Engine, enrollment_id: str) -> str:
+def complete_enrollment(token: hsm.Hsm, engine: sa.Engine, enrollment_id: str, expected_check_value: str) -> str:
     """On the new replica's host: unwraps the delivered master key into its HSM with the
-    transport key, checks its check value against the one recorded (else the key is
-    destroyed), destroys the transport key and marks the enrollment COMPLETED. Returns
-    the master key's check value.
+    transport key, keeps it only if its long check value is `expected_check_value`
+    (else the HSM destroys it), destroys the transport key and marks the enrollment
+    COMPLETED. Returns the master key's long check value.
 
-    Raises NotFound (unknown id), FailedPrecondition (expired, not delivered yet,
-    already completed, the token holds a master key or is not the one that asked),
-    IntegrityError (the delivered key is not the deployment's)."""
+    `expected_check_value` is the deployment's long check value (32 hex digits) read
+    out of band from a serving replica (`keysvc master-key check` on its host, or
+    GetMasterKeyCheckValue over mutual TLS). The database's values are compared too,
+    for an early clear error, but never decide: whoever can write to the database can
+    wrap a key of their own to the public transport key and record its check values.
+
+    Safe to run again after a partial failure: when the token already holds a master
+    key with that long check value and the enrollment was delivered, it only finishes
+    (destroys the transport key, marks the enrollment COMPLETED).
+
+    Raises InvalidArgument (a malformed id or check value), NotFound (unknown id),
+    FailedPrecondition (expired, not delivered yet, completed by another token, the
+    token holds another master key or is not the one that asked), IntegrityError (the
+    delivered key is not the expected one)."""
     _checked_enrollment_id(enrollment_id)
+    expected = checked_long_check_value(expected_check_value)
     store = SharedKeyStore(engine)
     enrollment = store.enrollment(enrollment_id)
     if enrollment is None:
         raise NotFound(f"no enrollment {enrollment_id}")
+    label = transport_key_label(enrollment_id)
+    with _hsm_errors():
+        held = token.master_key_long_check_value() if token.has_master_key else None
+        if held == expected and enrollment.state is not EnrollmentState.REQUESTED:
+            # An earlier run received the key and stopped before cleaning up: finish.
+            token.destroy_transport_key(label)
+            store.mark_completed(enrollment_id)
+            return held
     if enrollment.state is EnrollmentState.COMPLETED:
-        raise FailedPrecondition(f"enrollment {enrollment_id} is already completed")
+        raise FailedPrecondition(f"enrollment {enrollment_id} is already completed"
+                                 + (", by another token" if held is None else ""))
     if enrollment.expired(datetime.now(timezone.utc)):
         raise FailedPrecondition(f"enrollment {enrollment_id} expired at "
                                  f"{enrollment.expires_at.isoformat(timespec='seconds')}: enroll again")
     if enrollment.state is not EnrollmentState.DELIVERED or not enrollment.wrapped_master_key:
         raise FailedPrecondition(f"enrollment {enrollment_id} is not delivered yet: a key-admin asks "
                                  f"(keysvc replica deliver {enrollment_id}) and a second one approves")
+    if held is not None:
+        raise FailedPrecondition(f"this token already holds a keysvc master key (check value "
+                                 f"{short_check_value(held)}), not the one expected: it takes no other")
     recorded = store.get(MASTER)
-    if recorded is None or recorded.check_value != enrollment.master_check_value:
-        raise IntegrityError(
-            f"the delivered master key has check value {enrollment.master_check_value}, but the database records "
-            f"{recorded.check_value if recorded else 'none'}: not taken")
-    label = transport_key_label(enrollment_id)
+    for what, value in (("the enrollment records", enrollment.master_check_value),
+                        ("the database records", recorded.check_value if recorded else "none")):
+        if value != expected:
+            raise IntegrityError(f"{what} master key check value {value}, not the {expected} expected: the "
+                                 "delivered key is not taken (check the value with a serving replica's operator)")
     with _hsm_errors():
-        if token.has_master_key:
-            raise FailedPrecondition("this token already holds a keysvc master key")
         if not token.has_transport_key(label):
             raise FailedPrecondition(f"this token has no transport key for enrollment {enrollment_id}: "
                                      "complete it on the host that asked for it")
-        check_value = token.receive_master_key(label, enrollment.wrapped_master_key, enrollment.master_check_value)
+        check_value = token.receive_master_key(label, enrollment.wrapped_master_key, expected)
         token.destroy_transport_key(label)
     store.mark_completed(enrollment_id)
     return check_value
@@ -186,8 +232,12 @@ def complete_enrollment(token: hsm.Hsm, engine: sa.Engine, enrollment_id: str) -
 
 @dataclass(frozen=True)
 class MasterKeyCheckValues:
+    """This replica's master key check value (6 hex digits), the database's record of
+    it (6 hex digits, "" before any), and this replica's long check value (32)."""
+
     token: str
     recorded: str
+    token_long: str
 
 
 class MasterKeyAdmin:
@@ -200,12 +250,18 @@ class MasterKeyAdmin:
 
     def check_values(self) -> MasterKeyCheckValues:
         with _hsm_errors():
-            check_value = self._hsm.master_key_check_value()
+            long_check_value = self._hsm.master_key_long_check_value()
         recorded = self._store.get(MASTER)
-        return MasterKeyCheckValues(check_value, recorded.check_value if recorded else "")
+        return MasterKeyCheckValues(short_check_value(long_check_value),
+                                    short_check_value(recorded.check_value) if recorded else "", long_check_value)
 
     def enrollments(self) -> list[Enrollment]:
         return self._store.enrollments()
+
+    def check_delivery(self, enrollment_id: str, expected_fingerprint: str) -> None:
+        """Raises what deliver would raise before it reaches the HSM (a request that cannot
+        run is refused when asked, not when approved); nothing is changed."""
+        self._deliverable(enrollment_id, expected_fingerprint, datetime.now(timezone.utc))
 
     def deliver(self, enrollment_id: str, expected_fingerprint: str, delivered_by: str) -> Enrollment:
         """Wraps the master key to the enrollment's transport key in the HSM and stores it
@@ -213,6 +269,17 @@ class MasterKeyAdmin:
         agreement. Raises InvalidArgument (malformed id or fingerprint), NotFound,
         FailedPrecondition (expired, not REQUESTED, a fingerprint that is not the transport
         key's, a transport key too weak, a master key that cannot leave its HSM)."""
+        now = datetime.now(timezone.utc)
+        pkcs1 = self._deliverable(enrollment_id, expected_fingerprint, now)
+        with _hsm_errors():
+            wrapped = self._hsm.wrap_master_key_for_transport(pkcs1)
+            check_value = self._hsm.master_key_long_check_value()
+        if not self._store.mark_delivered(enrollment_id, wrapped, check_value, delivered_by[:512], now):
+            raise FailedPrecondition(f"enrollment {enrollment_id} was delivered or expired meanwhile")
+        return self._store.enrollment(enrollment_id)
+
+    def _deliverable(self, enrollment_id: str, expected_fingerprint: str, now: datetime) -> bytes:
+        """The transport key (PKCS#1 DER) to deliver to; raises as deliver does."""
         _checked_enrollment_id(enrollment_id)
         expected = _normalised_fingerprint(expected_fingerprint)
         if not re.fullmatch(r"[0-9a-f]{64}", expected):
@@ -221,7 +288,6 @@ class MasterKeyAdmin:
         enrollment = self._store.enrollment(enrollment_id)
         if enrollment is None:
             raise NotFound(f"no enrollment {enrollment_id}")
-        now = datetime.now(timezone.utc)
         if enrollment.state is not EnrollmentState.REQUESTED:
             raise FailedPrecondition(f"enrollment {enrollment_id} is {enrollment.state.value}, not REQUESTED")
         if enrollment.expired(now):
@@ -234,15 +300,9 @@ class MasterKeyAdmin:
             public = serialization.load_der_public_key(enrollment.transport_public_key)
         except ValueError:
             raise FailedPrecondition(f"enrollment {enrollment_id}'s transport key is not a public key") from None
-        if not isinstance(public, rsa.RSAPublicKey) or public.key_size < TRANSPORT_KEY_BITS:
-            raise FailedPrecondition(f"a transport key must be RSA of at least {TRANSPORT_KEY_BITS} bits")
-        pkcs1 = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
-        with _hsm_errors():
-            wrapped = self._hsm.wrap_master_key_for_transport(pkcs1)
-            check_value = self._hsm.master_key_check_value()
-        if not self._store.mark_delivered(enrollment_id, wrapped, check_value, delivered_by[:512], now):
-            raise FailedPrecondition(f"enrollment {enrollment_id} was delivered or expired meanwhile")
-        return self._store.enrollment(enrollment_id)
+        if not isinstance(public, rsa.RSAPublicKey) or public.key_size < hsm.TRANSPORT_KEY_BITS:
+            raise FailedPrecondition(f"a transport key must be RSA of at least {hsm.TRANSPORT_KEY_BITS} bits")
+        return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
 
 
 # -- custodians --------------------------------------------------------------------------------
@@ -384,8 +444,14 @@ class OpenedComponent:
 
 @dataclass(frozen=True)
 class RestoredMasterKey:
+    """What a restore checked: the combined backup key's KCV, the restored master key's
+    check value and long check value, and the database's long check value it was
+    compared with ("" when no database was given or it records none)."""
+
     backup_key_check_value: str
     master_check_value: str
+    master_long_check_value: str
+    database_check_value: str = ""
 
 
 def _sealed_payload(backup_id: str, custodian: str, index: int, component: bytes) -> bytes:
@@ -462,13 +528,18 @@ def open_component(backup: MasterKeyBackup, component: SealedComponent, private_
     return OpenedComponent(custodian.name, check_value, value)
 
 
-def restore_master_key(token: hsm.Hsm, backup: MasterKeyBackup, components: list[OpenedComponent]) -> RestoredMasterKey:
+def restore_master_key(token: hsm.Hsm, backup: MasterKeyBackup, components: list[OpenedComponent],
+                       engine: sa.Engine | None = None) -> RestoredMasterKey:
     """Combines every custodian's component (each exactly once) into the backup key,
     checks its check value, and unwraps the master key into a token without one; the
     restored key must have the backup's master check value (else it is destroyed).
+    With `engine`, the deployment's database: when it records a master key, the
+    restored key must have its long check value instead (and the backup is refused
+    before anything is unwrapped when it names another key).
     Raises FailedPrecondition (a component missing or given twice, a combined key
-    that is not the backup key, a token that already holds a master key),
-    IntegrityError (the restored key is not the backed-up one)."""
+    that is not the backup key, a token that already holds a master key, a backup of
+    another master key than the database's), IntegrityError (the restored key is not
+    the backed-up one, or not the database's)."""
     given = [component.custodian for component in components]
     for custodian in backup.custodians:
         if given.count(custodian.name) == 0:
@@ -483,7 +554,14 @@ def restore_master_key(token: hsm.Hsm, backup: MasterKeyBackup, components: list
     if check_value != backup.backup_key_check_value:
         raise FailedPrecondition(f"the components combine into a key with check value {check_value}, not the "
                                  f"backup key's {backup.backup_key_check_value}", reason="WRONG_COMPONENT")
+    recorded = SharedKeyStore(engine).get(MASTER) if engine is not None else None
+    database_check_value = recorded.check_value if recorded is not None else ""
+    if database_check_value and short_check_value(database_check_value) != backup.master_check_value.upper():
+        raise FailedPrecondition(f"the backup is of a master key with check value {backup.master_check_value}, "
+                                 f"but the database's has check value {short_check_value(database_check_value)}: "
+                                 "nothing restored", reason="WRONG_BACKUP")
     with _hsm_errors():
-        master_check_value = token.restore_master_key(backup_key, backup.wrapped_master_key,
-                                                      backup.master_check_value)
-    return RestoredMasterKey(check_value, master_check_value)
+        master_long_check_value = token.restore_master_key(backup_key, backup.wrapped_master_key,
+                                                           database_check_value or backup.master_check_value)
+    return RestoredMasterKey(check_value, short_check_value(master_long_check_value), master_long_check_value,
+                             database_check_value)

@@ -4,11 +4,11 @@ loaded them (safe rotation, as Tink advises: distribute the new key, then make i
 primary, so that no replica ever receives a seal it cannot verify).
 
 One background thread per serving process (each worker process has its own KeyRing):
-- it waits for NOTIFY keysvc_key_changes on its own PostgreSQL connection (LISTEN,
-  autocommit), and at least every POLL_INTERVAL reads `key_changes` past the last entry
-  it applied: the notification only makes it read sooner, the table is the truth, so a
-  dropped connection (reconnected with backoff) or a lost notification costs at most
-  one poll interval;
+- it waits for a key change to be announced (PostgreSQL: keysvc.store.replicas.
+  ChangeListener), and at least every POLL_INTERVAL reads `key_changes` past the last
+  entry it applied: the announcement only makes it read sooner, the table is the truth,
+  so a dropped listening connection or a lost notification costs at most one poll
+  interval;
 - for each changed key it has cached, it reloads it (KeyRing.invalidate), then writes
   the last entry applied to its row (`seen_change`), with a heartbeat every
   heartbeat_interval; a row whose heartbeat is older than heartbeat_timeout (database
@@ -29,14 +29,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import sqlalchemy as sa
-
+from hsm.deadline import lock_wait
 from keysvc.errors import KeysvcError, NotFound
 from keysvc.keyring import KeyRing
 from keysvc.keys import promoted
 from keysvc.model import Key
-from keysvc.store import KEY_CHANGES_CHANNEL, KeyStore
-from keysvc.store.replicas import ReplicaRecord, ReplicaStore
+from keysvc.store import KeyStore
+from keysvc.store.replicas import ChangeListener, ReplicaRecord, ReplicaStore
 
 log = logging.getLogger("keysvc.replicas")
 
@@ -48,8 +47,9 @@ CHANGE_RETENTION = 3600.0
 DEAD_REPLICA_RETENTION = 600.0
 PRUNE_INTERVAL = 60.0
 FIRST_BACKOFF = 0.1
-MAX_BACKOFF = 5.0
-LISTENER_APPLICATION_NAME = "keysvc-replica-listener"
+# What RotateKey keeps of its caller's deadline to answer in: the wait for a promotion
+# ends this long before the deadline.
+DEADLINE_MARGIN = 0.1
 # How long a KeyRing trusts cached metadata while this follower keeps up (instead of
 # re-reading a key's revision every 0.25 s): changes arrive by the log within a poll
 # interval anyway; this is only the safety net under it.
@@ -80,65 +80,6 @@ def advertised_address(listen: str, port: int, configured: str = "") -> str:
     return f"{host}:{port}"
 
 
-class _Listener:
-    """A LISTEN connection (PostgreSQL, autocommit) that survives being dropped: it is
-    reopened with exponential backoff, and waiting without one just waits."""
-
-    def __init__(self, database_url: str, stop: threading.Event, clock: Callable[[], float]) -> None:
-        url = sa.engine.make_url(database_url).set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
-        self._stop = stop
-        self._clock = clock
-        self._connection = None
-        self._backoff = FIRST_BACKOFF
-        self._retry_at = 0.0
-
-    def _connect(self) -> None:
-        import psycopg
-
-        try:
-            connection = psycopg.connect(
-                self._conninfo, autocommit=True, connect_timeout=3, application_name=LISTENER_APPLICATION_NAME,
-                # A server that vanishes without closing the connection is noticed in ~10 s.
-                keepalives=1, keepalives_idle=4, keepalives_interval=2, keepalives_count=3)
-            connection.execute(f"LISTEN {KEY_CHANGES_CHANNEL}")
-        except psycopg.Error as error:
-            self._failed(f"cannot listen for key changes ({type(error).__name__}); polling meanwhile")
-            return
-        self._connection = connection
-        self._backoff = FIRST_BACKOFF
-
-    def _failed(self, message: str) -> None:
-        if self._backoff == FIRST_BACKOFF:
-            log.warning("%s", message)
-        self._retry_at = self._clock() + self._backoff * (0.5 + random.random())
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-
-    def wait(self, timeout: float) -> None:
-        """Returns when a key change is announced, `timeout` seconds pass, or stop is set."""
-        import psycopg
-
-        if self._connection is None and self._clock() >= self._retry_at:
-            self._connect()
-        if self._connection is None:
-            self._stop.wait(timeout)
-            return
-        try:
-            for _notification in self._connection.notifies(timeout=timeout, stop_after=1):
-                pass
-        except psycopg.Error as error:
-            self.close()
-            self._failed(f"the key change listener lost its connection ({type(error).__name__}); reconnecting")
-
-    def close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
-
-
 class Replica:
     """This serving process as a replica (see the module docstring). Thread-safe."""
 
@@ -155,7 +96,7 @@ class Replica:
         self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._listener: _Listener | None = None
+        self._listener: ChangeListener | None = None
         self.replica_id = ""
         self.address = ""
         # The last change log entry whose effect this process has applied.
@@ -173,7 +114,7 @@ class Replica:
         self._ring.forget_all()
         self._store.register(self.replica_id, self.address, self.seen_change)
         if self._keys.engine.dialect.name == "postgresql":
-            self._listener = _Listener(self._database_url, self._stop, self._clock)
+            self._listener = ChangeListener(self._database_url, stop=self._stop, clock=self._clock)
         self._thread = threading.Thread(target=self._run, name="keysvc-replica", daemon=True)
         self._thread.start()
 
@@ -286,32 +227,43 @@ class Replica:
                 continue
             self._ring.remember(key)
 
-    def await_promotion(self, key_id: str, version: int) -> Key:
-        """Waits up to rotation_wait seconds for `version` of the key to stop pending
-        (promoted by this process or any other) and returns the key as it then is. This
-        process holds the version already (it wrote it), so only the others are waited
-        for: alone, it promotes at once. The rotation is stored whatever happens here: a
-        database failure while waiting is tried again until the deadline, and only then
-        raised (Unavailable)."""
-        deadline = self._clock() + self.rotation_wait
-        pause = 0.005
+    def await_promotion(self, stored: Key, version: int) -> Key:
+        """Waits for `version` of the key to stop pending (promoted by this process or
+        any other) and returns the key as last read: promoted, or still pending (the
+        replicas then promote it by themselves, later). `stored` is the key as the
+        rotation stored it, with `version` pending. This process holds the version
+        already (it wrote it), so only the others are waited for: alone, it promotes at
+        once.
+
+        The wait lasts rotation_wait at most, and ends DEADLINE_MARGIN before the
+        deadline of the call being served (hsm.deadline, set by the rpc layer), so that
+        the caller gets the answer, not DEADLINE_EXCEEDED. Never raises: the rotation
+        is stored, and an error here (the database away) would make a client rotate the
+        key again; it answers the newest copy it read, else `stored`."""
+        # lock_wait() is the time left before the call's deadline (capped at a minute,
+        # far above rotation_wait) or, outside a call, that minute.
+        budget = min(self.rotation_wait, lock_wait() - DEADLINE_MARGIN)
+        if budget <= 0:
+            return stored
+        deadline = self._clock() + budget
+        key, failed, pause = stored, False, 0.005
         while True:
             try:
-                self.promote_ready(key_id, excluding=self.replica_id)
-                key = self._keys.load_key(key_id)
-            except KeysvcError as error:
-                log.warning("waiting for the promotion of %s failed: %s", key_id, error)
-                key = None
-            if key is not None and (key.pending_primary != version or self._clock() >= deadline):
-                self._ring.remember(key)
-                return key
-            if key is None and self._clock() >= deadline:
-                key = self._keys.load_key(key_id)
-                if key is None:
-                    raise NotFound(f"key {key_id!r} not found")
-                return key
-            self._stop.wait(pause)
+                self.promote_ready(stored.key_id, excluding=self.replica_id)
+                key = self._keys.load_key(stored.key_id) or key
+            except Exception as error:  # noqa: BLE001 - the rotation is stored, whatever fails here
+                if not failed:
+                    log.warning("waiting for the promotion of %s failed, answering it pending: %s",
+                                stored.key_id, _safe(error))
+                failed = True
+            left = deadline - self._clock()
+            if key.pending_primary != version or left <= 0:
+                break
+            self._stop.wait(min(pause, left))
             pause = min(pause * 2, 0.05)
+        if key is not stored:
+            self._ring.remember(key)
+        return key
 
     # -- listing ---------------------------------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ def prepare(settings: Settings) -> None:
 
 def open_services(settings: Settings) -> Services:
     store = KeyStore.open(settings.database_url, run_migrations=False)
-    deployment.install_shared_keys(hsm.Hsm.connect(settings.hsm_config), store.engine)
+    deployment.load_shared_keys_into(hsm.Hsm.connect(settings.hsm_config), store.engine)
     token = MeasuredHsm(hsm.Hsm.connect(settings.hsm_config))
     # With PostgreSQL the replica follows key changes as they are announced, so cached
     # keys can be trusted longer while it keeps up (see keysvc.keyring).
@@ -201,7 +201,8 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
         tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon, audit_trail=services.audit_trail,
         security=security,
-        approvals=Approvals(services.store.engine) if settings.dual_control else None,
+        approvals=Approvals(services.store.engine, hsm.Hsm.connect(settings.hsm_config),
+                            audit=services.audit_trail) if settings.dual_control else None,
         limiter=RateLimiter({"verify": Rate.of(settings.verify_rate), "detokenize": Rate.of(settings.detokenize_rate)}),
         replicas=services.replica,
         master_keys=MasterKeyAdmin(MeasuredHsm(hsm.Hsm.connect(settings.hsm_config)), services.store.engine),

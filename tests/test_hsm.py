@@ -10,8 +10,10 @@ process-wide lock around every PKCS#11 call, and re-initialisation after fork.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import pickle
+import subprocess
 import time
 
 import pytest
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import hsm
-from tests.conftest import run_together
+from tests.conftest import REPO, run_together
 from tests.crypto_helpers import OAEP_SHA1, foreign_public_key, python_hmac
 
 
@@ -49,6 +51,79 @@ def test_import_public_key_is_rsa_3072_in_pkcs1_der(hsm_token):
 
     assert isinstance(public_key, rsa.RSAPublicKey)
     assert public_key.key_size == 3072
+
+
+def test_the_import_public_key_is_read_from_the_private_key_never_taken_from_the_caller(hsm_token):
+    """The public key senders wrap secrets to comes from the unwrapped private key's
+    modulus and exponent: a public key that is not the private key's (a swapped copy
+    where the caller keeps the shared keys) is refused and changes nothing."""
+    installed = hsm_token.installed_shared_keys
+    served = hsm_token.import_public_key_der
+    assert served == installed.import_public_key
+    attacker = foreign_public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+
+    with pytest.raises(hsm.HsmKeyCheckFailed):
+        hsm_token.install_shared_keys(dataclasses.replace(installed, import_public_key=attacker))
+    assert hsm_token.import_public_key_der == served
+    assert hsm_token.installed_shared_keys == installed
+    assert len(hsm_token.bind(b"still bound")) == 32
+    try:
+        hsm_token.install_shared_keys(dataclasses.replace(installed, import_public_key=b""))
+        assert hsm_token.import_public_key_der == served
+    finally:
+        hsm_token.install_shared_keys(installed)
+    assert hsm_token.import_public_key_der == served
+
+
+def test_the_long_master_key_check_value_begins_with_the_short_one(hsm_token):
+    long_check_value = hsm_token.master_key_long_check_value()
+
+    assert len(long_check_value) == hsm.MASTER_LONG_CHECK_VALUE_DIGITS == 32
+    assert long_check_value == long_check_value.upper() and int(long_check_value, 16) >= 0
+    assert hsm_token.master_key_check_value() == long_check_value[:hsm.MASTER_CHECK_VALUE_DIGITS]
+
+
+_RECEIVE_WHILE_THE_CHECK_FAILS = """
+import os, hsm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+token = hsm.Hsm.connect(hsm.HsmConfig(os.environ["KEYSVC_TOKEN_LABEL"],
+                                      open(os.environ["KEYSVC_HSM_PIN_FILE"]).read().strip()))
+label = hsm.TRANSPORT_KEY_LABEL_PREFIX + "0011223344556677"
+public = serialization.load_der_public_key(token.generate_transport_key(label))
+wrapped = public.encrypt(os.urandom(32), padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+def failing_check(self, master):
+    raise RuntimeError("the check value could not be computed")
+hsm.Hsm._long_check_value_of = failing_check
+try:
+    token.receive_master_key(label, wrapped, "00" * 16)
+except RuntimeError as error:
+    print("raised:", error)
+"""
+
+_HAS_MASTER_KEY = """
+import os, hsm
+print(hsm.Hsm.connect(hsm.HsmConfig(os.environ["KEYSVC_TOKEN_LABEL"],
+                                    open(os.environ["KEYSVC_HSM_PIN_FILE"]).read().strip())).has_master_key)
+"""
+
+
+def test_a_received_master_key_whose_check_fails_to_run_is_not_left_in_the_token(tmp_path):
+    """The key is unwrapped as a token object before it is checked: if computing its
+    check value raises, it is destroyed all the same, or a later start would find an
+    unverified master key by its label."""
+    from tests.test_masterkey import new_token
+
+    token = new_token(tmp_path / "hsm")
+    python = str(REPO / ".venv" / "bin" / "python")
+    received = subprocess.run([python, "-c", _RECEIVE_WHILE_THE_CHECK_FAILS], env=token.env, capture_output=True,
+                              text=True, timeout=60)
+    assert received.returncode == 0, received.stderr
+    assert "raised: the check value could not be computed" in received.stdout
+    later = subprocess.run([python, "-c", _HAS_MASTER_KEY], env=token.env, capture_output=True, text=True,
+                           timeout=60)
+    assert later.returncode == 0, later.stderr
+    assert later.stdout.strip() == "False"
 
 
 def test_bind_is_a_deterministic_32_byte_tag_that_depends_on_the_data(hsm_token):

@@ -18,18 +18,20 @@ import grpc
 import nacl.public
 import pytest
 import sqlalchemy as sa
-from cryptography.hazmat.primitives import keywrap, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, keywrap, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keysvc import deployment, masterkey
 from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
 from keysvc.authz import Policy
-from keysvc.errors import FailedPrecondition, NotFound
+from keysvc.config import ConfigurationError
+from keysvc.errors import FailedPrecondition, InvalidArgument, NotFound
 from keysvc.model import KeyAlgorithm, KeyPurpose
 from keysvc.pki import issue_client_certificate, make_dev_pki
 from keysvc.seals import SealRequest
 from keysvc.rpc.server import Security, ServerOptions, create_server, server_credentials
+from keysvc.store import KeyStore
 from keysvc.store.audit import AuditStore
 from keysvc.store.schema import enrollments, shared_keys
 from keysvc.store.shared_keys import Enrollment, EnrollmentState, SharedKeyStore
@@ -73,16 +75,21 @@ def shared_rows(engine: sa.Engine) -> dict:
         return {row.name: tuple(row) for row in connection.execute(sa.select(shared_keys))}
 
 
-def pending_id(error: grpc.RpcError) -> str:
+def error_info(error: grpc.RpcError):
     from google.rpc import error_details_pb2
     from grpc_status import rpc_status
 
     for detail in rpc_status.from_call(error).details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            assert info.reason == "APPROVAL_REQUIRED", info.reason
-            return info.metadata["operation_id"]
+            return info
     raise AssertionError("no ErrorInfo")
+
+
+def pending_id(error: grpc.RpcError) -> str:
+    info = error_info(error)
+    assert info.reason == "APPROVAL_REQUIRED", info.reason
+    return info.metadata["operation_id"]
 
 
 # -- replica 1: this process, on the session token, with TLS and dual control ----------------------------
@@ -110,12 +117,13 @@ def replica_one(hsm_token, postgres_url, pki):
     domain = make_domain(hsm_token, postgres_url)
     engine = domain.store.engine
     deployment.prepare_token(hsm_token, engine)
-    deployment.install_shared_keys(hsm_token, engine)
+    deployment.load_shared_keys_into(hsm_token, engine)
     security = Security(server_credentials(pki / "server.crt", pki / "server.key", pki / "ca.crt"),
                         Policy.load(pki / "policy.toml"))
     grpc_server, port, _ = create_server(
         "127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False), signer=domain.signer,
-        audit_trail=AuditTrail(hsm_token, AuditStore(engine)), security=security, approvals=Approvals(engine),
+        audit_trail=AuditTrail(hsm_token, AuditStore(engine)), security=security,
+        approvals=Approvals(engine, hsm_token),
         master_keys=masterkey.MasterKeyAdmin(hsm_token, engine))
     grpc_server.start()
     yield ReplicaOne(f"localhost:{port}", postgres_url, engine)
@@ -124,12 +132,15 @@ def replica_one(hsm_token, postgres_url, pki):
 
 
 def deliver(replica: ReplicaOne, pki, enrollment_id: str, fingerprint: str):
-    """Admin 1 asks, admin 2 approves; returns the approval's error code or the delivered enrollment."""
+    """Admin 1 asks, admin 2 approves; returns the error code of the ask (a request that
+    cannot run is refused then) or of the approval, or the delivered enrollment."""
     request = masterkey_pb2.DeliverMasterKeyRequest(enrollment_id=enrollment_id, transport_key_fingerprint=fingerprint)
     with channel_as(replica.address, pki, "client-key-admin") as first, \
             channel_as(replica.address, pki, "client-key-admin-2") as second:
         with pytest.raises(grpc.RpcError) as asked:
             masterkey_pb2_grpc.MasterKeyServiceStub(first).DeliverMasterKey(request, timeout=TIMEOUT)
+        if error_info(asked.value).reason != "APPROVAL_REQUIRED":
+            return asked.value.code()
         operation_id = pending_id(asked.value)
         try:
             approved = approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation(
@@ -150,11 +161,13 @@ def test_shared_keys_are_made_once_per_database_and_the_master_key_recorded(hsm_
         deployment.prepare_token(hsm_token, domain.store.engine)
         first = shared_rows(domain.store.engine)
         deployment.prepare_token(hsm_token, domain.store.engine)
-        deployment.install_shared_keys(hsm_token, domain.store.engine)
+        deployment.load_shared_keys_into(hsm_token, domain.store.engine)
         assert shared_rows(domain.store.engine) == first
         assert set(first) == {"master", "binding", "import"}
-        assert first["master"][3] == hsm_token.master_key_check_value()
-        assert len(hsm_token.master_key_check_value()) == 6
+        # The database records the long check value; the short one is its first 6 digits.
+        assert first["master"][3] == hsm_token.master_key_long_check_value()
+        assert len(hsm_token.master_key_check_value()) == 6 and len(first["master"][3]) == 32
+        assert first["master"][3].startswith(hsm_token.master_key_check_value())
         # Racing inserts of one name: every replica reads back the same winner.
         store = SharedKeyStore(domain.store.engine)
         from tests.conftest import run_together
@@ -170,15 +183,16 @@ def test_a_token_whose_master_key_is_not_the_databases_is_refused_at_start(hsm_t
         deployment.prepare_token(hsm_token, domain.store.engine)
     finally:
         domain.store.close()
-    ours = hsm_token.master_key_check_value()
+    ours = hsm_token.master_key_long_check_value()
     serve = ("serve", "--listen", "127.0.0.1:0", "--database", postgres_url, "--insecure-loopback")
 
     other = new_token(tmp_path / "other", with_master_key=True)
-    theirs = keysvc(other, "master-key", "check").stdout.split()[-1]
+    theirs_short, theirs_long = (line.split()[-1] for line in keysvc(other, "master-key", "check").stdout.splitlines())
+    assert theirs_long.startswith(theirs_short) and len(theirs_long) == 32
     refused = keysvc(other, *serve)
     assert refused.returncode != 0
-    assert f"this token's master key has check value {theirs}" in refused.stderr
-    assert f"the database's master key has check value {ours}" in refused.stderr
+    assert f"this token's master key has check value {theirs_short} (long {theirs_long})" in refused.stderr
+    assert f"the database's master key has check value {ours[:6]} (long {ours})" in refused.stderr
 
     empty = new_token(tmp_path / "empty")
     refused = keysvc(empty, *serve)
@@ -196,6 +210,11 @@ def test_enrollment_of_a_second_hsm_then_both_replicas_serve_the_same_keys(repli
     with channel_as(replica_one.address, pki, "client-key-admin") as admin:
         keys_pb2_grpc.KeyServiceStub(admin).CreateKey(keys_pb2.CreateKeyRequest(
             merchant_id=merchant, name="before", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256), timeout=TIMEOUT)
+        # What the new replica's operator is told out of band: the serving replica's long check value.
+        check = masterkey_pb2_grpc.MasterKeyServiceStub(admin).GetMasterKeyCheckValue(
+            masterkey_pb2.GetMasterKeyCheckValueRequest(), timeout=TIMEOUT)
+    assert len(check.long_check_value) == 32 and check.long_check_value.startswith(check.check_value)
+    assert check.check_value == check.recorded_check_value
     second = new_token(tmp_path / "second")
 
     asked = keysvc(second, "replica", "enroll", "--database", replica_one.url, "--name", "replica-2")
@@ -206,7 +225,12 @@ def test_enrollment_of_a_second_hsm_then_both_replicas_serve_the_same_keys(repli
     stored = SharedKeyStore(replica_one.engine).enrollment(enrollment_id)
     assert stored.state is EnrollmentState.REQUESTED and masterkey.fingerprint_of(stored.transport_public_key) == fingerprint
 
-    not_yet = keysvc(second, "replica", "enroll", "--database", replica_one.url, "--complete", enrollment_id)
+    complete = ("replica", "enroll", "--database", replica_one.url, "--complete", enrollment_id)
+    unchecked = keysvc(second, *complete)
+    assert unchecked.returncode == 2 and "--complete needs --check-value" in unchecked.stderr
+    short = keysvc(second, *complete, "--check-value", check.check_value)
+    assert short.returncode == 2 and "long check value (32 hex digits)" in short.stderr
+    not_yet = keysvc(second, *complete, "--check-value", check.long_check_value)
     assert not_yet.returncode == 2 and "not delivered yet" in not_yet.stderr
 
     # Admin 1 asks (the CLI), cannot approve their own request; admin 2 approves.
@@ -225,16 +249,14 @@ def test_enrollment_of_a_second_hsm_then_both_replicas_serve_the_same_keys(repli
         assert SharedKeyStore(replica_one.engine).enrollment(enrollment_id).state is EnrollmentState.REQUESTED
         approvals_pb2_grpc.ApprovalServiceStub(other).ApproveOperation(
             approvals_pb2.DecideOperationRequest(operation_id=operation_id), timeout=TIMEOUT)
-        check = masterkey_pb2_grpc.MasterKeyServiceStub(other).GetMasterKeyCheckValue(
-            masterkey_pb2.GetMasterKeyCheckValueRequest(), timeout=TIMEOUT)
     delivered = SharedKeyStore(replica_one.engine).enrollment(enrollment_id)
     assert delivered.state is EnrollmentState.DELIVERED
-    assert delivered.master_check_value == check.check_value == check.recorded_check_value
+    assert delivered.master_check_value == check.long_check_value
     assert delivered.delivered_by == "spiffe://keysvc.dev/key-admin-2"
 
-    completed = keysvc(second, "replica", "enroll", "--database", replica_one.url, "--complete", enrollment_id)
+    completed = keysvc(second, *complete, "--check-value", check.long_check_value.lower())
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.split()[-1] == check.check_value
+    assert completed.stdout.split()[-1] == check.long_check_value
     assert SharedKeyStore(replica_one.engine).enrollment(enrollment_id).state is EnrollmentState.COMPLETED
     assert "matches the database's record" in keysvc(
         second, "master-key", "check", "--database", replica_one.url).stdout
@@ -300,7 +322,7 @@ def test_enrollment_refusals(replica_one, pki, hsm_token):
     assert "two key-admins" in refused.value.details()
     assert SharedKeyStore(engine).enrollment(waiting).state is EnrollmentState.REQUESTED
 
-    # Approved requests that still must not deliver.
+    # Requests that must not deliver (refused when asked: see the next test).
     assert deliver(replica_one, pki, "0123456789abcdef", fingerprint) is grpc.StatusCode.NOT_FOUND
     expired = _enroll_row(engine, transport, expires_in=timedelta(seconds=-1))
     assert deliver(replica_one, pki, expired, fingerprint) is grpc.StatusCode.FAILED_PRECONDITION
@@ -315,20 +337,216 @@ def test_enrollment_refusals(replica_one, pki, hsm_token):
     assert delivered.master_check_value == hsm_token.master_key_check_value()
     assert deliver(replica_one, pki, waiting, fingerprint) is grpc.StatusCode.FAILED_PRECONDITION  # once only
 
-    # Completing: unknown, expired, not delivered, and a token that already holds a master key.
+    # Completing: unknown, expired, not delivered, and a token that already holds another master key.
+    real = hsm_token.master_key_long_check_value()
+    with pytest.raises(InvalidArgument, match="long check value"):
+        masterkey.complete_enrollment(hsm_token, engine, waiting, real[:6])
     with pytest.raises(NotFound):
-        masterkey.complete_enrollment(hsm_token, engine, "fedcba9876543210")
+        masterkey.complete_enrollment(hsm_token, engine, "fedcba9876543210", real)
     with pytest.raises(FailedPrecondition, match="expired"):
-        masterkey.complete_enrollment(hsm_token, engine, expired)
+        masterkey.complete_enrollment(hsm_token, engine, expired, real)
     with pytest.raises(FailedPrecondition, match="not delivered"):
-        masterkey.complete_enrollment(hsm_token, engine, _enroll_row(engine, transport))
+        masterkey.complete_enrollment(hsm_token, engine, _enroll_row(engine, transport), real)
     with pytest.raises(FailedPrecondition, match="already holds"):
-        masterkey.complete_enrollment(hsm_token, engine, waiting)
+        masterkey.complete_enrollment(hsm_token, engine, waiting, "00" * 16)
     with pytest.raises(FailedPrecondition, match="already holds"):
         masterkey.request_enrollment(hsm_token, engine, "again")
     with engine.connect() as connection:
         states = dict(connection.execute(sa.select(enrollments.c.enrollment_id, enrollments.c.state)).all())
     assert states[waiting] == "DELIVERED"
+
+
+def test_a_delivery_that_cannot_run_is_refused_when_asked_not_kept_for_approval(replica_one, pki):
+    from keysvc.store.schema import audit_records, pending_operations
+
+    engine = replica_one.engine
+    transport = _transport_key()
+    fingerprint = masterkey.fingerprint_of(transport)
+    waiting = _enroll_row(engine, transport)
+    expired = _enroll_row(engine, transport, expires_in=timedelta(seconds=-1))
+    cases = [
+        ("not-hex-at-all!!", fingerprint, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (waiting, "ab" * 31, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        ("0123456789abcdef", fingerprint, grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
+        (expired, fingerprint, grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
+        (waiting, "ab" * 32, grpc.StatusCode.FAILED_PRECONDITION, "FINGERPRINT_MISMATCH"),
+    ]
+    with channel_as(replica_one.address, pki, "client-key-admin") as channel:
+        stub = masterkey_pb2_grpc.MasterKeyServiceStub(channel)
+        for enrollment_id, asked_fingerprint, code, reason in cases:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.DeliverMasterKey(masterkey_pb2.DeliverMasterKeyRequest(
+                    enrollment_id=enrollment_id, transport_key_fingerprint=asked_fingerprint), timeout=TIMEOUT)
+            assert (refused.value.code(), error_info(refused.value).reason) == (code, reason), enrollment_id
+
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(pending_operations)).scalar() == 0
+        outcomes = connection.execute(sa.select(audit_records.c.outcome).where(
+            audit_records.c.operation == "/keysvc.v1.MasterKeyService/DeliverMasterKey")
+            .order_by(audit_records.c.seq)).scalars().all()
+    assert outcomes == [reason for *_, reason in cases]
+    assert SharedKeyStore(engine).enrollment(waiting).state is EnrollmentState.REQUESTED
+
+    # The CLI: refused at once (exit 2), or the pending operation (JSON with --json).
+    from click.testing import CliRunner
+
+    from keysvc.cli import main as cli_main
+
+    arguments = ["--server", replica_one.address, "--pki", str(pki), "--json", "replica", "deliver", waiting]
+    mismatched = CliRunner().invoke(cli_main, [*arguments, "--fingerprint", "ab" * 32])
+    asked_by_cli = CliRunner().invoke(cli_main, [*arguments, "--fingerprint", fingerprint])
+    assert mismatched.exit_code == 2 and "FAILED_PRECONDITION" in mismatched.stderr
+    assert asked_by_cli.exit_code == 0, asked_by_cli.output
+    by_cli = json.loads(asked_by_cli.stdout)["pending_operation"]["operation_id"]
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(pending_operations.c.operation_id)).scalars().all() == [by_cli]
+
+    # Checked when asked, and again when approved: an enrollment that expired meanwhile is not delivered.
+    with channel_as(replica_one.address, pki, "client-key-admin") as first, \
+            channel_as(replica_one.address, pki, "client-key-admin-2") as second:
+        with pytest.raises(grpc.RpcError) as asked:
+            masterkey_pb2_grpc.MasterKeyServiceStub(first).DeliverMasterKey(masterkey_pb2.DeliverMasterKeyRequest(
+                enrollment_id=waiting, transport_key_fingerprint=fingerprint), timeout=TIMEOUT)
+        with engine.begin() as connection:
+            connection.execute(sa.update(enrollments).where(enrollments.c.enrollment_id == waiting)
+                               .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+        with pytest.raises(grpc.RpcError) as approved:
+            approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation(
+                approvals_pb2.DecideOperationRequest(operation_id=pending_id(asked.value)), timeout=TIMEOUT)
+    assert approved.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "expired" in approved.value.details()
+    assert SharedKeyStore(engine).enrollment(waiting).state is EnrollmentState.REQUESTED
+
+
+def _long_check_value(master: bytes) -> str:
+    """A master key's long check value computed with `cryptography` alone (as documented)."""
+    return hashlib.sha256(keywrap.aes_key_wrap(master, bytes(32))).digest()[:16].hex().upper()
+
+
+def _deployment_on(hsm_token, url: str) -> sa.Engine:
+    """A database whose shared keys and master key record are the session token's."""
+    domain = make_domain(hsm_token, url)
+    try:
+        deployment.prepare_token(hsm_token, domain.store.engine)
+        deployment.load_shared_keys_into(hsm_token, domain.store.engine)
+    finally:
+        domain.store.close()
+    return sa.create_engine(url)
+
+
+def _ask_for_enrollment(token: SoftHsmToken, url: str) -> tuple[str, str]:
+    asked = keysvc(token, "replica", "enroll", "--database", url, "--name", "new")
+    assert asked.returncode == 0, asked.stderr
+    lines = dict(line.split(" ", 1) for line in asked.stdout.splitlines()[:2])
+    return lines["enrollment"], lines["transport"].removeprefix("key fingerprint ")
+
+
+_COMPLETE_UNTIL_THE_TRANSPORT_KEY_CANNOT_BE_DESTROYED = """
+import sys, hsm
+from keysvc import cli
+def failing(self, label):
+    raise hsm.HsmUnavailable("the HSM went away")
+hsm.Hsm.destroy_transport_key = failing
+cli.main(sys.argv[1:])
+"""
+
+_HAS_TRANSPORT_KEY = """
+import os, sys, hsm
+token = hsm.Hsm.connect(hsm.HsmConfig(os.environ["KEYSVC_TOKEN_LABEL"],
+                                      open(os.environ["KEYSVC_HSM_PIN_FILE"]).read().strip()))
+print(token.has_transport_key(hsm.TRANSPORT_KEY_LABEL_PREFIX + sys.argv[1]))
+"""
+
+
+def test_a_delivery_forged_in_the_database_is_refused_with_the_real_check_value(hsm_token, sqlite_url, tmp_path):
+    """Whoever can write to the database can wrap a key of their own to the (public)
+    transport key and record its check values everywhere, or the real one: the new HSM
+    keeps the key only if it has the long check value the operator brought."""
+    engine = _deployment_on(hsm_token, sqlite_url)
+    real = hsm_token.master_key_long_check_value()
+    new = new_token(tmp_path / "new")
+    enrollment_id, _ = _ask_for_enrollment(new, sqlite_url)
+    transport = serialization.load_der_public_key(SharedKeyStore(engine).enrollment(enrollment_id).transport_public_key)
+    own_key = os.urandom(32)
+    own_wrapped = transport.encrypt(own_key, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+
+    def forge(recorded_check_value: str) -> None:
+        with engine.begin() as connection:
+            connection.execute(sa.update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(
+                state="DELIVERED", wrapped_master_key=own_wrapped, master_check_value=recorded_check_value,
+                delivered_by="spiffe://keysvc.dev/key-admin-2"))
+            connection.execute(sa.update(shared_keys).where(shared_keys.c.name == "master").values(
+                check_value=recorded_check_value))
+
+    complete = ("replica", "enroll", "--database", sqlite_url, "--complete", enrollment_id, "--check-value", real)
+    try:
+        forge(_long_check_value(own_key))  # the database's values all agree with the forged key
+        refused = keysvc(new, *complete)
+        assert refused.returncode == 2, refused.stdout
+        assert f"master key check value {_long_check_value(own_key)}, not the {real} expected" in refused.stderr
+
+        forge(real)  # the database claims the real value: the HSM finds otherwise
+        refused = keysvc(new, *complete)
+        assert refused.returncode == 2, refused.stdout
+        assert f"has check value {_long_check_value(own_key)}, not {real}: it was not kept" in refused.stderr
+        assert keysvc(new, "master-key", "check").returncode == 2  # no master key was kept
+        assert SharedKeyStore(engine).enrollment(enrollment_id).state is EnrollmentState.DELIVERED
+    finally:
+        engine.dispose()
+
+
+def test_completing_again_after_a_run_that_stopped_part_way_finishes_it(hsm_token, sqlite_url, tmp_path):
+    engine = _deployment_on(hsm_token, sqlite_url)
+    real = hsm_token.master_key_long_check_value()
+    new = new_token(tmp_path / "new")
+    enrollment_id, fingerprint = _ask_for_enrollment(new, sqlite_url)
+    try:
+        masterkey.MasterKeyAdmin(hsm_token, engine).deliver(enrollment_id, fingerprint, "test")
+        complete = ("replica", "enroll", "--database", sqlite_url, "--complete", enrollment_id, "--check-value")
+
+        stopped = subprocess.run(
+            [str(REPO / ".venv" / "bin" / "python"), "-c", _COMPLETE_UNTIL_THE_TRANSPORT_KEY_CANNOT_BE_DESTROYED,
+             *complete, real], env=new.env, capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 2 and "the HSM went away" in stopped.stderr, stopped.stderr
+        assert SharedKeyStore(engine).enrollment(enrollment_id).state is EnrollmentState.DELIVERED
+        assert "matches the database's record" in keysvc(new, "master-key", "check", "--database", sqlite_url).stdout
+
+        other = keysvc(new, *complete, "00" * 16)
+        assert other.returncode == 2 and "already holds a keysvc master key" in other.stderr
+
+        finished = keysvc(new, *complete, real)
+        assert finished.returncode == 0, finished.stderr
+        assert finished.stdout.split()[-1] == real
+        stored = SharedKeyStore(engine).enrollment(enrollment_id)
+        assert stored.state is EnrollmentState.COMPLETED and stored.wrapped_master_key is None
+        has_transport_key = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", _HAS_TRANSPORT_KEY,
+                                            enrollment_id], env=new.env, capture_output=True, text=True, timeout=60)
+        assert has_transport_key.stdout.strip() == "False", has_transport_key.stderr
+        assert keysvc(new, *complete, real).returncode == 0  # and again: nothing left to do
+    finally:
+        engine.dispose()
+
+
+def test_an_import_public_key_swapped_in_the_database_is_never_served(hsm_token, token, sqlite_url):
+    """Merchants wrap bank secrets to the key GetImportParameters serves: it is read
+    from the import private key in the HSM, and a database whose copy differs is
+    refused at start."""
+    engine = _deployment_on(hsm_token, sqlite_url)
+    served = hsm_token.import_public_key_der
+    attacker = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.update(shared_keys).where(shared_keys.c.name == "import").values(
+                public_key=attacker))
+        with pytest.raises(ConfigurationError, match="is not the public half of the import private key"):
+            deployment.load_shared_keys_into(hsm_token, engine)
+        assert hsm_token.import_public_key_der == served
+
+        refused = keysvc(token, "serve", "--listen", "127.0.0.1:0", "--database", sqlite_url, "--insecure-loopback")
+        assert refused.returncode != 0
+        assert "is not the public half of the import private key" in refused.stderr, refused.stderr
+    finally:
+        engine.dispose()
 
 
 # -- backup and restore ------------------------------------------------------------------------------------------
@@ -407,13 +625,27 @@ def test_backup_and_restore_under_split_knowledge(hsm_token, token, sqlite_url, 
         assert refused.returncode == 2 and reason in refused.stderr, (reason, refused.stderr)
     assert keysvc(empty, "master-key", "check").returncode == 2  # still no master key
 
+    # With --database: the database's master key must be the backup's, to its long check value.
+    real = hsm_token.master_key_long_check_value()
+    for recorded, reason in [("AB" * 16, "but the database's has check value ABABAB: nothing restored"),
+                             (real[:6] + "0" * 26, f"not {real[:6]}{'0' * 26}: it was not kept")]:
+        other_url = f"sqlite:///{tmp_path / f'other-{recorded}.db'}"
+        KeyStore.open(other_url).close()
+        other_engine = sa.create_engine(other_url)
+        SharedKeyStore(other_engine).insert_or_get("master", check_value=recorded)
+        other_engine.dispose()
+        refused = keysvc(empty, *restore, "--database", other_url, *_pairs(files, components, names))
+        assert refused.returncode == 2 and reason in refused.stderr, (reason, refused.stderr)
+        assert keysvc(empty, "master-key", "check").returncode == 2  # still no master key
+
     # Each custodian enters their own component when asked.
     answers = "".join(f"{components[name]}\n{files[name][0]}\ny\n" for name in names)
-    restored = keysvc(empty, *restore, input=answers)
+    restored = keysvc(empty, *restore, "--database", sqlite_url, input=answers)
     assert restored.returncode == 0, restored.stderr
     assert restored.stdout.count("component check value") == 3
     assert f"backup key check value {backup['backup_key_check_value']}" in restored.stdout
     assert f"restored: master key check value {hsm_token.master_key_check_value()}" in restored.stdout
+    assert f"long check value {real}\nmatches the database's record" in restored.stdout
     assert keysvc(empty, *restore, *_pairs(files, components, names)).returncode == 2  # it has one now
 
     # The restored token serves the keys made before the backup.
@@ -458,6 +690,7 @@ def test_the_master_key_check_value_is_as_documented(tmp_path):
     restored = keysvc(empty, "master-key", "restore", "--backup", str(tmp_path / "backup.json"), *arguments)
     assert restored.returncode == 0, restored.stderr
     assert f"restored: master key check value {expected}" in restored.stdout
+    assert f"long check value {_long_check_value(master)}" in restored.stdout
     assert base64.b64decode(json.loads((tmp_path / "backup.json").read_text())["wrapped_master_key"])
 
 

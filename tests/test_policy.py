@@ -63,7 +63,7 @@ class Servers:
     def __init__(self, domain, pki) -> None:
         self.domain = domain
         self.trail = AuditTrail(domain.hsm, AuditStore(domain.store.engine))
-        self.approvals = Approvals(domain.store.engine)
+        self.approvals = Approvals(domain.store.engine, domain.hsm, audit=self.trail)
         self.stop = threading.Event()
         self.addresses, self.books, self._servers = [], [], []
         for _ in range(2):
@@ -222,6 +222,90 @@ def test_a_policy_row_written_into_the_database_is_never_applied(servers, pki, d
     assert not servers.books[0].refresh()
     assert servers.books[0].current().revision == 0
     assert gateway_seal_code(servers.addresses[0], pki) is grpc.StatusCode.NOT_FOUND
+
+
+def _pending_policy_rewritten(domain, operation_id: str, how: str, document: str) -> None:
+    """Rewrites a pending ProposePolicy as someone with database write access would."""
+    from keysvc.store.schema import pending_operations
+
+    rewritten = policy_pb2.ProposePolicyRequest(policy_toml=document)
+    digest = hashlib.sha256(document.encode()).hexdigest()
+    values = {"request": dict(request=rewritten.SerializeToString()),
+              "request and target": dict(request=rewritten.SerializeToString(), target=f"policy sha256={digest}"),
+              "target": dict(target=f"policy sha256={digest}"),
+              "requester": dict(requested_by=dev_identity("auditor"))}[how]
+    with domain.store.engine.begin() as connection:
+        assert connection.execute(sa.update(pending_operations).where(
+            pending_operations.c.operation_id == operation_id).values(**values)).rowcount == 1
+
+
+@pytest.mark.parametrize("how", ["request", "request and target", "target", "requester"])
+def test_a_pending_policy_rewritten_in_the_database_is_refused_and_never_applied(servers, pki, domain, how):
+    # The proposal only demotes the gateway; the attacker's policy makes them a key-admin.
+    attacker = (pki / "policy.toml").read_text() + (
+        '\n[[grant]]\nidentity = "spiffe://keysvc.dev/attacker"\nroles = ["key-admin"]\n')
+    address = servers.addresses[0]
+    operation_id = error_info(propose(address, pki, demoted_gateway_policy(pki))).metadata["operation_id"]
+    _pending_policy_rewritten(domain, operation_id, how, attacker)
+    with channel_as(address, pki, "client-key-admin-2") as channel:
+        approvals = approvals_pb2_grpc.ApprovalServiceStub(channel)
+        listed = approvals.ListPendingOperations(approvals_pb2.ListPendingOperationsRequest(), timeout=TIMEOUT)
+        with pytest.raises(grpc.RpcError) as refused:
+            approvals.ApproveOperation(approvals_pb2.DecideOperationRequest(operation_id=operation_id),
+                                       timeout=TIMEOUT)
+
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    assert error_info(refused.value).reason == "PENDING_OPERATION_TAMPERED"
+    assert list(listed.operations) == [] and servers.approvals.pending() == []
+    assert PolicyStore(domain.store.engine).latest_revision() == 0
+    assert all(book.current().revision == 0 for book in servers.books)
+    records = [(r.identity, r.operation.rpartition("/")[2], r.target.rpartition(" op=")[2], r.outcome)
+               for r in servers.trail.read(limit=100)]
+    assert (SECOND_ADMIN, "ProposePolicy", operation_id, "PENDING_OPERATION_TAMPERED") in records
+    assert servers.trail.verify().intact
+
+
+def test_a_pending_operation_whose_target_is_not_its_requests_is_neither_listed_nor_run(servers, pki, domain):
+    """Even with a valid tag (made here with the HSM, as no attacker can), the target an
+    approver reads must be the one the request describes."""
+    document = demoted_gateway_policy(pki)
+    operation = servers.approvals.propose(
+        "/keysvc.v1.PolicyService/ProposePolicy", policy_pb2.ProposePolicyRequest(policy_toml=document)
+        .SerializeToString(), "policy sha256=" + "0" * 64, dev_identity("key-admin"))
+    with channel_as(servers.addresses[0], pki, "client-key-admin-2") as channel:
+        approvals = approvals_pb2_grpc.ApprovalServiceStub(channel)
+        listed = approvals.ListPendingOperations(approvals_pb2.ListPendingOperationsRequest(), timeout=TIMEOUT)
+        with pytest.raises(grpc.RpcError) as refused:
+            approvals.ApproveOperation(approvals_pb2.DecideOperationRequest(operation_id=operation.operation_id),
+                                       timeout=TIMEOUT)
+
+    assert list(listed.operations) == []
+    assert error_info(refused.value).reason == "PENDING_OPERATION_TAMPERED"
+    assert "target is not the one its request describes" in refused.value.details()
+    assert PolicyStore(domain.store.engine).latest_revision() == 0
+
+
+def test_the_cli_says_which_operation_waits_for_approval_in_text_and_json(servers, pki, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from keysvc.cli import main as cli_main
+
+    proposal = tmp_path / "proposed.toml"
+    proposal.write_text(demoted_gateway_policy(pki))
+    digest = hashlib.sha256(proposal.read_bytes()).hexdigest()
+    arguments = ["--server", servers.addresses[0], "--pki", str(pki)]
+    text = CliRunner().invoke(cli_main, [*arguments, "policy", "propose", str(proposal)])
+    as_json = CliRunner().invoke(cli_main, [*arguments, "--json", "policy", "propose", str(proposal)])
+
+    assert text.exit_code == 0 and as_json.exit_code == 0, (text.output, as_json.output)
+    text_id = text.stdout.split()[2]
+    assert text.stdout == (f"pending operation {text_id} (policy sha256 {digest}): a second key-admin approves it "
+                           f"with keysvc approvals approve {text_id}\n")
+    pending = json.loads(as_json.stdout)["pending_operation"]
+    assert pending["policy_sha256"] == digest
+    assert {op.operation_id for op in servers.approvals.pending()} == {text_id, pending["operation_id"]}
 
 
 def test_keysvc_serve_workers_apply_an_approved_policy_and_sighup_keeps_it(token, tmp_path, pki):

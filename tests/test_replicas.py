@@ -7,7 +7,8 @@ a restored backup would be), reached through gRPC client-side round-robin load b
   connection); a seal made on one verifies on all; a token detokenizes on all.
 - Safe rotation: a rotation's new version becomes primary only once every live replica
   has loaded it; a replica that lags (or died) holds it back until its heartbeat is
-  older than the timeout.
+  older than the timeout. RotateKey waits for that within its caller's deadline, and
+  once the version is stored it answers OK whatever happens (a retry would rotate again).
 - Under load with 20+ rotations and a replica killed: no wrong answer, no failed call,
   one token per PAN.
 - PostgreSQL restarted under load: calls fail fast with UNAVAILABLE, then recover.
@@ -31,14 +32,17 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
+from hsm.deadline import reset_call_deadline, set_call_deadline
 from keysvc import config
 from keysvc.cli import main as cli_main
 from keysvc.client import KeysvcCallError, KeysvcClient
+from keysvc.errors import Unavailable
 from keysvc.keyring import KeyRing
 from keysvc.keys import KeyManager, promoted
 from keysvc.model import KeyAlgorithm, KeyPurpose, KeyVersionState
-from keysvc.replicas import LISTENER_APPLICATION_NAME
+from keysvc.replicas import DEADLINE_MARGIN, Replica
 from keysvc.seals import SealRequest
+from keysvc.store.replicas import LISTENER_APPLICATION_NAME, ChangeListener, ReplicaStore
 from keysvc.v1 import keys_pb2, replicas_pb2, tokens_pb2
 from tests.conftest import (
     SoftHsmToken, _as_postgres_user, _postgres_bindir, _start_throwaway_postgres, run_together,
@@ -77,8 +81,8 @@ class NoWaiting:
     def __init__(self, domain) -> None:
         self._store = domain.store
 
-    def await_promotion(self, key_id: str, version: int):
-        return self._store.load_key(key_id)
+    def await_promotion(self, stored, version: int):
+        return self._store.load_key(stored.key_id)
 
 
 def test_a_pending_version_verifies_but_does_not_seal_until_promoted_and_stops_waiting_when_retired(
@@ -102,6 +106,91 @@ def test_a_pending_version_verifies_but_does_not_seal_until_promoted_and_stops_w
     domain.keys.rotate_key(key.key_id)
     assert domain.keys.set_primary_version(key.key_id, 1).pending_primary is None
     assert promoted(domain.store.load_key(key.key_id), 4).primary_version == 1
+
+
+class DatabaseAway:
+    """A key store whose database went away (or broke) just after a rotation was stored."""
+
+    def __init__(self, error: Exception) -> None:
+        self._error = error
+
+    def load_key(self, key_id: str):
+        raise self._error
+
+    def update_key(self, key_id: str, change):
+        raise self._error
+
+
+@pytest.mark.parametrize("error", [Unavailable("the database is unavailable (OperationalError)"),
+                                   RuntimeError("a bug")], ids=["unavailable", "unexpected"])
+def test_a_rotation_stored_then_cut_off_from_the_database_answers_its_version_pending_and_never_fails(
+        domain, merchant, monkeypatch, error):
+    # Failing would invite the client to retry (it retries UNAVAILABLE): a second rotation.
+    replica = Replica(domain.store, domain.ring, database_url="", rotation_wait=0.2)
+    domain.keys.rotation_gate = replica
+    key_id = domain.keys.create_key(merchant, "cut-off", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256).key_id
+    replica._keys = DatabaseAway(error)
+    monkeypatch.setattr(replica._store, "pending_promotions", DatabaseAway(error).load_key)
+
+    rotated, version = domain.keys.rotate_key(key_id)
+    assert (version.version, rotated.primary_version, rotated.pending_primary) == (2, 1, 2)
+    stored = domain.store.load_key(key_id)
+    assert (sorted(v.version for v in stored.versions), stored.pending_primary) == ([1, 2], 2)
+
+    replica._keys = domain.store  # the database is back: the replicas promote it by themselves
+    monkeypatch.undo()
+    replica.promote_ready()
+    promoted_key = domain.store.load_key(key_id)
+    assert (promoted_key.primary_version, promoted_key.pending_primary) == (2, None)
+
+
+def test_a_rotation_held_back_answers_before_the_calls_deadline_with_its_version_pending(domain, merchant):
+    replica = Replica(domain.store, domain.ring, database_url="", heartbeat_timeout=30, rotation_wait=10)
+    domain.keys.rotation_gate = replica
+    key_id = domain.keys.create_key(merchant, "hurried", KeyPurpose.SEAL, KeyAlgorithm.HMAC_SHA256).key_id
+    ReplicaStore(domain.store.engine).register("laggard", "192.0.2.1:50051", 0)  # live, never follows
+
+    def rotate_within(time_left: float) -> tuple[float, int, int, int]:
+        bound = set_call_deadline(time_left)
+        try:
+            started = time.monotonic()
+            rotated, added = domain.keys.rotate_key(key_id)
+            return time.monotonic() - started, added.version, rotated.primary_version, rotated.pending_primary
+        finally:
+            reset_call_deadline(bound)
+
+    took, *versions = rotate_within(0.4)
+    assert versions == [2, 1, 2]
+    assert 0.4 - DEADLINE_MARGIN - 0.05 < took < 0.4  # waited until DEADLINE_MARGIN before the deadline
+    took, *versions = rotate_within(DEADLINE_MARGIN / 2)
+    assert versions == [3, 1, 3]
+    assert took < 1.0  # no time left to wait (nothing like rotation_wait): answered at once
+
+
+def test_a_change_listener_hears_announcements_and_survives_losing_its_connection(postgres_url):
+    listener = ChangeListener(postgres_url)
+
+    def announce() -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            connection.execute("SELECT pg_notify('keysvc_key_changes', 'm/k')")
+
+    try:
+        assert listener.wait(0.05) is False  # connects; nothing announced
+        announce()
+        assert listener.wait(5) is True
+        assert listener.wait(0.05) is False  # each announcement heard once
+        name = postgres_url.rpartition("/")[2]
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = %s AND datname = %s", (LISTENER_APPLICATION_NAME, name))
+        assert listener.wait(0.5) is False  # the lost connection is noticed, not raised
+
+        def heard() -> bool:
+            announce()
+            return listener.wait(0.2)
+        seconds_until(heard, "listening again", 5)
+    finally:
+        listener.close()
 
 
 def test_the_ring_trusts_its_cache_longer_only_while_the_change_log_is_followed(domain, merchant):
@@ -326,6 +415,29 @@ def test_rotation_waits_for_a_live_replica_that_has_not_loaded_it_and_promotes_o
     finally:
         with psycopg.connect(cluster.database_url, autocommit=True) as connection:
             connection.execute("DELETE FROM replicas WHERE replica_id = %s", (laggard,))
+
+
+def test_a_rotation_held_back_answers_ok_before_a_short_deadline_and_is_promoted_later_by_itself(
+        cluster, merchant):
+    a, b = cluster.one(0), cluster.one(1)
+    key_id = create_key(a, merchant, "short-deadline")
+    laggard = f"laggard-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(cluster.database_url, autocommit=True) as connection:
+        connection.execute("INSERT INTO replicas (replica_id, address, started_at, heartbeat_at, seen_change) "
+                           "VALUES (%s, '192.0.2.1:50051', now(), now(), 0)", (laggard,))
+    try:
+        timeout = 0.7  # shorter than ROTATION_WAIT: the deadline ends the wait, and not in DEADLINE_EXCEEDED
+        started = time.monotonic()
+        rotated = a.call(a.keys.RotateKey, keys_pb2.RotateKeyRequest(key_id=key_id), timeout=timeout)
+        took = time.monotonic() - started
+        assert (rotated.version, rotated.key.primary_version, rotated.key.pending_primary) == (2, 1, 2)
+        assert took < timeout
+    finally:
+        with psycopg.connect(cluster.database_url, autocommit=True) as connection:
+            connection.execute("DELETE FROM replicas WHERE replica_id = %s", (laggard,))
+    # The laggard gone, the replicas promote the version at their next heartbeat; one rotation only.
+    seconds_until(lambda: get_key(b, key_id).primary_version == 2, "promotion", HEARTBEAT_TIMEOUT)
+    assert sorted(version.version for version in get_key(b, key_id).versions) == [1, 2]
 
 
 def listener_pids(database_url: str) -> list[int]:

@@ -204,8 +204,8 @@ def test_key_changes_and_denied_calls_are_audited_with_the_caller_identity(secur
 
     records = [(r.identity, r.operation, r.target, r.outcome) for r in trail.read(limit=100)]
     assert denied == grpc.StatusCode.PERMISSION_DENIED
-    assert (dev_identity("key-admin"), "/keysvc.v1.KeyService/CreateKey", merchant, "STARTED") in records
-    assert (dev_identity("key-admin"), "/keysvc.v1.KeyService/CreateKey", merchant, "OK") in records
+    assert (dev_identity("key-admin"), "/keysvc.v1.KeyService/CreateKey", f"{merchant}/k", "STARTED") in records
+    assert (dev_identity("key-admin"), "/keysvc.v1.KeyService/CreateKey", f"{merchant}/k", "OK") in records
     assert (dev_identity("gateway"), "/keysvc.v1.KeyService/RotateKey", f"{merchant}/k", "PERMISSION_DENIED") \
         in records
     assert trail.verify().intact
@@ -260,7 +260,7 @@ def dual_control_server(domain, pki):
     policy.write_text((pki / "policy.toml").read_text()
                       + '\n[[grant]]\nidentity = "spiffe://keysvc.dev/key-admin-2"\nroles = ["key-admin"]\n')
     trail = AuditTrail(domain.hsm, AuditStore(domain.store.engine))
-    approvals = Approvals(domain.store.engine)
+    approvals = Approvals(domain.store.engine, domain.hsm, audit=trail)
     security = Security(server_credentials(pki / "server.crt", pki / "server.key", pki / "ca.crt"),
                         Policy.load(policy))
     grpc_server, port, _ = create_server("127.0.0.1:0", domain.keys, domain.sealer, ServerOptions(reuse_port=False),
@@ -324,32 +324,106 @@ def test_dual_control_a_second_admin_approves_then_it_runs_and_nothing_runs_on_o
 
 
 def test_dual_control_a_rejected_or_expired_operation_never_runs(dual_control_server, pki, domain, merchant):
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta
 
+    from keysvc.model import KeyVersionState
+    from keysvc.v1 import approvals_pb2, approvals_pb2_grpc
+
+    address, approvals, _trail = dual_control_server
+    request = _destroy_request(domain, merchant)
+    ids = []
+    with channel_as(address, pki, "client-key-admin") as first, channel_as(address, pki, "client-key-admin-2") as second:
+        for ttl in (approvals.ttl, timedelta(seconds=-1)):  # the second one expired when it was made
+            approvals.ttl = ttl
+            with pytest.raises(grpc.RpcError) as asked:
+                keys_pb2_grpc.KeyServiceStub(first).DestroyKeyVersion(request, timeout=TIMEOUT)
+            ids.append(_pending_id(asked.value))
+        approvals_pb2_grpc.ApprovalServiceStub(second).RejectOperation(
+            approvals_pb2.DecideOperationRequest(operation_id=ids[0]), timeout=TIMEOUT)
+        rejected = code_of(approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation,
+                           approvals_pb2.DecideOperationRequest(operation_id=ids[0]))
+        with pytest.raises(grpc.RpcError) as expired:
+            approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation(
+                approvals_pb2.DecideOperationRequest(operation_id=ids[1]), timeout=TIMEOUT)
+
+    assert rejected == expired.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expired" in expired.value.details()
+    assert domain.store.load_key(request.key_id).find_version(1).state is KeyVersionState.ENABLED
+
+
+def test_dual_control_a_decided_operation_set_back_to_pending_in_the_database_never_runs(dual_control_server, pki,
+                                                                                         domain, merchant):
     from keysvc.model import KeyVersionState
     from keysvc.store.schema import pending_operations
     from keysvc.v1 import approvals_pb2, approvals_pb2_grpc
 
     address, _approvals, _trail = dual_control_server
     request = _destroy_request(domain, merchant)
-    ids = []
     with channel_as(address, pki, "client-key-admin") as first, channel_as(address, pki, "client-key-admin-2") as second:
-        for _ in range(2):
-            with pytest.raises(grpc.RpcError) as asked:
-                keys_pb2_grpc.KeyServiceStub(first).DestroyKeyVersion(request, timeout=TIMEOUT)
-            ids.append(_pending_id(asked.value))
+        with pytest.raises(grpc.RpcError) as asked:
+            keys_pb2_grpc.KeyServiceStub(first).DestroyKeyVersion(request, timeout=TIMEOUT)
+        operation_id = _pending_id(asked.value)
         approvals_pb2_grpc.ApprovalServiceStub(second).RejectOperation(
-            approvals_pb2.DecideOperationRequest(operation_id=ids[0]), timeout=TIMEOUT)
+            approvals_pb2.DecideOperationRequest(operation_id=operation_id), timeout=TIMEOUT)
         with domain.store.engine.begin() as connection:
-            connection.execute(sa.update(pending_operations).where(pending_operations.c.operation_id == ids[1])
-                               .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
-        rejected = code_of(approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation,
-                           approvals_pb2.DecideOperationRequest(operation_id=ids[0]))
-        expired = code_of(approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation,
-                          approvals_pb2.DecideOperationRequest(operation_id=ids[1]))
+            connection.execute(sa.update(pending_operations).where(pending_operations.c.operation_id == operation_id)
+                               .values(state="PENDING", decided_by=""))
+        with pytest.raises(grpc.RpcError) as replayed:
+            approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation(
+                approvals_pb2.DecideOperationRequest(operation_id=operation_id), timeout=TIMEOUT)
 
-    assert rejected == expired == grpc.StatusCode.FAILED_PRECONDITION
+    assert replayed.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "integrity check failed" in replayed.value.details()
     assert domain.store.load_key(request.key_id).find_version(1).state is KeyVersionState.ENABLED
+
+
+def test_dual_control_a_pending_import_rewritten_in_the_database_is_refused_and_never_runs(dual_control_server, pki,
+                                                                                          domain, merchant):
+    """Whoever can write the database swaps the secret of a pending ImportKey for one they
+    know (same key id, so the target an approver reads is unchanged): the approval is
+    refused, nothing is imported, and the audit trail says why."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from keysvc.store.schema import pending_operations
+    from keysvc.v1 import approvals_pb2, approvals_pb2_grpc
+    from tests.crypto_helpers import OAEP_SHA1, pem_public_key
+
+    address, approvals, trail = dual_control_server
+    parameters = domain.keys.import_parameters()
+
+    def import_request(secret: bytes) -> keys_pb2.ImportKeyRequest:
+        return keys_pb2.ImportKeyRequest(
+            merchant_id=merchant, name="imported", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256,
+            wrapped_secret=pem_public_key(parameters).encrypt(secret, OAEP_SHA1),
+            import_key_id=parameters.import_key_id)
+
+    with channel_as(address, pki, "client-key-admin") as first, channel_as(address, pki, "client-key-admin-2") as second:
+        with pytest.raises(grpc.RpcError) as asked:
+            keys_pb2_grpc.KeyServiceStub(first).ImportKey(import_request(os.urandom(32)), timeout=TIMEOUT)
+        operation_id = _pending_id(asked.value)
+        with domain.store.engine.begin() as connection:
+            connection.execute(sa.update(pending_operations).where(pending_operations.c.operation_id == operation_id)
+                               .values(request=import_request(b"the attacker knows this secret!!").SerializeToString()))
+        listed = approvals_pb2_grpc.ApprovalServiceStub(second).ListPendingOperations(
+            approvals_pb2.ListPendingOperationsRequest(), timeout=TIMEOUT)
+        with pytest.raises(grpc.RpcError) as refused:
+            approvals_pb2_grpc.ApprovalServiceStub(second).ApproveOperation(
+                approvals_pb2.DecideOperationRequest(operation_id=operation_id), timeout=TIMEOUT)
+
+    info = error_details_pb2.ErrorInfo()
+    assert any(detail.Unpack(info) for detail in rpc_status.from_call(refused.value).details)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION and info.reason == "PENDING_OPERATION_TAMPERED"
+    assert "was not run" in refused.value.details()
+    assert operation_id not in [operation.operation_id for operation in listed.operations]
+    assert domain.store.load_key(f"{merchant}/imported") is None
+    assert approvals.get(operation_id).state == "PENDING"  # refused, not claimed: it only expires
+    records = [(r.identity, r.operation.rpartition("/")[2], r.target, r.outcome) for r in trail.read(limit=100)]
+    assert ("spiffe://keysvc.dev/key-admin-2", "ImportKey", f"{merchant}/imported op={operation_id}",
+            "PENDING_OPERATION_TAMPERED") in records
+    assert ("spiffe://keysvc.dev/key-admin-2", "ApproveOperation", f"op={operation_id}",
+            "FAILED_PRECONDITION") in records
+    assert trail.verify().intact
 
 
 # -- abuse limits -----------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from keysvc.approvals import Approvals, PendingOperation, current_approval
 from keysvc.errors import FailedPrecondition
 from keysvc.logs import current_identity
+from keysvc.rpc.auth import target_of
 from keysvc.rpc.convert import timestamp
 from keysvc.rpc.errors import translated
 from keysvc.v1 import approvals_pb2, approvals_pb2_grpc
@@ -30,10 +32,21 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
         self._approvals = approvals
         self._runners = runners
 
+    def _target_of(self, operation: PendingOperation) -> str | None:
+        """The target the operation's request describes, so that what an approver reads
+        cannot disagree with what would run; None for a kind this server cannot run."""
+        runner = self._runners.get(operation.method)
+        if runner is None:
+            return None
+        try:
+            return target_of(runner[0].FromString(operation.request))
+        except DecodeError:
+            return "(a request that does not decode)"
+
     @translated
     def ListPendingOperations(self, request, context):
         return approvals_pb2.ListPendingOperationsResponse(
-            operations=[_message(operation) for operation in self._approvals.pending()]
+            operations=[_message(operation) for operation in self._approvals.pending(self._target_of)]
         )
 
     @translated
@@ -41,7 +54,8 @@ class ApprovalServicer(approvals_pb2_grpc.ApprovalServiceServicer):
         pending = self._approvals.get(request.operation_id)
         if pending.method not in self._runners:
             raise FailedPrecondition(f"this server cannot run {pending.method}")
-        operation = self._approvals.decide(request.operation_id, current_identity.get(), approve=True)
+        operation = self._approvals.decide(request.operation_id, current_identity.get(), approve=True,
+                                           target_of=self._target_of)
         request_class, run = self._runners[operation.method]
         # Runs as asked: its errors end this call with their own status.
         running = current_approval.set(operation)

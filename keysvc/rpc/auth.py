@@ -64,6 +64,8 @@ def scope_of(request) -> Scope:
 def _target(scope: Scope, request) -> str:
     parts = sorted(scope.merchants) + [f"domain={d}" for d in sorted(scope.domains)]
     key_id = getattr(request, "key_id", "")
+    if not key_id and getattr(request, "merchant_id", "") and getattr(request, "name", ""):
+        key_id = f"{request.merchant_id}/{request.name}"  # CreateKey, ImportKey: the key they make
     version = getattr(request, "version", 0)
     if key_id:
         parts = [f"{key_id}#{version}" if version else key_id]
@@ -75,6 +77,12 @@ def _target(scope: Scope, request) -> str:
     if hasattr(request, "policy_toml"):  # ProposePolicy: the policy by its digest
         parts = [f"policy sha256={digest_of(request.policy_toml)}"]
     return ",".join(parts)[:512]
+
+
+def target_of(request) -> str:
+    """What the audit trail and an approving key-admin see of a request: its key id and
+    version, merchants and token domains, enrollment and transport key, or policy digest."""
+    return _target(scope_of(request), request)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -147,7 +147,8 @@ def create_server(
     is called after a call ends UNAVAILABLE. Without `security` the server listens
     in plain text and lets every caller do everything: for loopback development only.
     With security and `approvals`, ImportKey, DestroyKeyVersion, ShredTokenDomain and
-    DeliverMasterKey need a second key-admin (ApprovalService); with security, `limiter` limits each
+    DeliverMasterKey need a second key-admin (ApprovalService), and DeliverMasterKey and
+    ProposePolicy are checked before they wait for it; with security, `limiter` limits each
     identity's Verify and Detokenize rates and expensive calls need a deadline.
     With security and `policies` (the book of security.policy), PolicyService changes
     the policy: under dual control when given `approvals`."""
@@ -155,7 +156,13 @@ def create_server(
         approvals = None  # dual control needs identities
         policies = None  # no policy to change
     policy_servicer = PolicyServicer(policies) if policies is not None else None
-    prechecks = {PROPOSE_POLICY_METHOD: policy_servicer.check_proposal} if policy_servicer else {}
+    master_key_servicer = MasterKeyServicer(master_keys) if master_keys is not None else None
+    # Requests that wait for approval are checked first, so one that cannot run fails now.
+    prechecks = {}
+    if policy_servicer is not None:
+        prechecks[PROPOSE_POLICY_METHOD] = policy_servicer.check_proposal
+    if master_key_servicer is not None:
+        prechecks[DELIVER_METHOD] = master_key_servicer.check_delivery
     server = new_grpc_server(options, [
         ObservingInterceptor(on_unavailable, access_log=options.access_log),
         AuthInterceptor(security.policy if security else None, audit_trail, approvals, limiter, prechecks),
@@ -179,9 +186,8 @@ def create_server(
     if audit_trail is not None:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_trail), server)
         service_names = (*service_names, AUDIT_SERVICE_NAME)
-    if master_keys is not None:
+    if master_key_servicer is not None:
         # DeliverMasterKey runs only as an approved operation (see MasterKeyServicer).
-        master_key_servicer = MasterKeyServicer(master_keys)
         masterkey_pb2_grpc.add_MasterKeyServiceServicer_to_server(master_key_servicer, server)
         runners[DELIVER_METHOD] = (masterkey_pb2.DeliverMasterKeyRequest, master_key_servicer.deliver_approved)
         service_names = (*service_names, MASTER_KEY_SERVICE_NAME)

@@ -1,5 +1,6 @@
-"""Replicas in SQL: every serving process's registration and heartbeat, and the log of
-key changes they follow (`key_changes`, appended by KeyStore).
+"""Replicas in SQL: every serving process's registration and heartbeat, the log of key
+changes they follow (`key_changes`, appended by KeyStore), and the announcements of
+those changes (PostgreSQL NOTIFY, heard by a ChangeListener).
 
 Liveness is judged by the database's clock (PostgreSQL's now()), never a replica's:
 replicas on other hosts may disagree about the time, the database does not. SQLite
@@ -8,13 +9,26 @@ serves one machine, whose clock is the database's.
 
 from __future__ import annotations
 
+import logging
+import random
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import sqlalchemy as sa
 
-from keysvc.store import _as_utc, _database_errors
+from keysvc.store import KEY_CHANGES_CHANNEL, _as_utc, _database_errors
 from keysvc.store.schema import key_changes, keys, replicas
+
+log = logging.getLogger("keysvc.store.replicas")
+
+# The application_name of listening connections (pg_stat_activity shows them by it).
+LISTENER_APPLICATION_NAME = "keysvc-replica-listener"
+# A lost listening connection is reopened after this, doubled at each failure up to the maximum.
+LISTEN_FIRST_BACKOFF = 0.1
+LISTEN_MAX_BACKOFF = 5.0
 
 
 @dataclass(frozen=True)
@@ -150,3 +164,71 @@ class ReplicaStore:
                 sa.select(sa.func.min(replicas.c.seen_change))
                 .where(replicas.c.heartbeat_at > self._live_after(timeout), replicas.c.replica_id != excluding)
             ).scalar_one_or_none()
+
+
+class ChangeListener:
+    """Hears key changes announced on PostgreSQL (LISTEN keysvc_key_changes, on a
+    connection of its own in autocommit). A dropped connection is reopened with
+    exponential backoff; meanwhile a wait just waits, so a follower that reads the
+    change log after each wait misses nothing, only hears of it later. One thread."""
+
+    def __init__(self, database_url: str, *, stop: threading.Event | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`stop`, when set, ends a wait made without a connection at once."""
+        url = sa.engine.make_url(database_url).set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self._stop = stop or threading.Event()
+        self._clock = clock
+        self._connection = None
+        self._backoff = LISTEN_FIRST_BACKOFF
+        self._retry_at = 0.0
+
+    def wait(self, timeout: float) -> bool:
+        """Waits up to `timeout` seconds for a key change to be announced. True when one
+        was; False when the time passed, the connection failed (it is reopened by a
+        later wait) or there was none to listen on. Never raises."""
+        import psycopg
+
+        if self._connection is None and self._clock() >= self._retry_at:
+            self._connect()
+        if self._connection is None:
+            self._stop.wait(timeout)
+            return False
+        try:
+            for _notification in self._connection.notifies(timeout=timeout, stop_after=1):
+                return True
+        except psycopg.Error as error:
+            self.close()
+            self._failed(f"the key change listener lost its connection ({type(error).__name__}); reconnecting")
+        return False
+
+    def close(self) -> None:
+        """Closes the connection (a later wait opens another)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    def _connect(self) -> None:
+        import psycopg
+
+        try:
+            connection = psycopg.connect(
+                self._conninfo, autocommit=True, connect_timeout=3, application_name=LISTENER_APPLICATION_NAME,
+                # A server that vanishes without closing the connection is noticed in ~10 s.
+                keepalives=1, keepalives_idle=4, keepalives_interval=2, keepalives_count=3)
+            connection.execute(f"LISTEN {KEY_CHANGES_CHANNEL}")
+        except psycopg.Error as error:
+            self._failed(f"cannot listen for key changes ({type(error).__name__}); polling meanwhile")
+            return
+        self._connection = connection
+        self._backoff = LISTEN_FIRST_BACKOFF
+
+    def _failed(self, message: str) -> None:
+        # Said once per outage, not at every attempt.
+        if self._backoff == LISTEN_FIRST_BACKOFF:
+            log.warning("%s", message)
+        self._retry_at = self._clock() + self._backoff * (0.5 + random.random())
+        self._backoff = min(self._backoff * 2, LISTEN_MAX_BACKOFF)

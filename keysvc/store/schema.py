@@ -169,6 +169,9 @@ pending_operations = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("state", String(16), nullable=False),
     Column("decided_by", String(512), nullable=False, server_default=""),
+    # HMAC (the HSM's binding key) over the operation's id, method, request digest, target,
+    # requester and times (keysvc.approvals); a row without a valid one is never approved.
+    Column("tag", LargeBinary, nullable=True),
 )
 
 # Keys every replica shares (binding key, import key pair), wrapped under the master
@@ -179,7 +182,7 @@ shared_keys = Table(
     Column("name", String(64), primary_key=True),
     Column("wrapped_key", LargeBinary, nullable=False),
     Column("public_key", LargeBinary, nullable=False, server_default=text("''")),
-    Column("check_value", String(16), nullable=False, server_default=""),
+    Column("check_value", String(64), nullable=False, server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -195,7 +198,7 @@ enrollments = Table(
     Column("requested_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("wrapped_master_key", LargeBinary, nullable=True),
-    Column("master_check_value", String(16), nullable=False, server_default=""),
+    Column("master_check_value", String(64), nullable=False, server_default=""),
     Column("delivered_by", String(512), nullable=False, server_default=""),
 )
 

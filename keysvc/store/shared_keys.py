@@ -20,7 +20,7 @@ from keysvc.store import _as_utc, _database_errors, utcnow
 from keysvc.store.schema import enrollments, shared_keys
 
 # Names of the rows of shared_keys.
-MASTER = "master"    # no key: the master key's check value only
+MASTER = "master"    # no key: the master key's long check value (32 hex digits) only
 BINDING = "binding"  # the binding key, wrapped
 IMPORT = "import"    # the import private key, wrapped; its public key beside it
 
@@ -49,7 +49,9 @@ class Enrollment:
     state: EnrollmentState
     requested_at: datetime
     expires_at: datetime
-    # The master key under RSA-OAEP to the transport key, once delivered.
+    # The master key under RSA-OAEP to the transport key, once delivered, and the long
+    # check value of the key the delivering replica wrapped (a claim: the new replica
+    # proves the key against a value its operator brings).
     wrapped_master_key: bytes | None = field(repr=False, default=None)
     master_check_value: str = ""
     delivered_by: str = ""

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keysvc/v1/masterkey.proto\x12\tkeysvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x02\n\nEnrollment\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x14\n\x0creplica_name\x18\x02 \x01(\t\x12!\n\x19transport_key_fingerprint\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.keysvc.v1.EnrollmentState\x12\x30\n\x0crequest_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12master_check_value\x18\x07 \x01(\t\x12\x14\n\x0c\x64\x65livered_by\x18\x08 \x01(\t\"S\n\x17\x44\x65liverMasterKeyRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12!\n\x19transport_key_fingerprint\x18\x02 \x01(\t\"E\n\x18\x44\x65liverMasterKeyResponse\x12)\n\nenrollment\x18\x01 \x01(\x0b\x32\x15.keysvc.v1.Enrollment\"\x1f\n\x1dGetMasterKeyCheckValueRequest\"S\n\x1eGetMasterKeyCheckValueResponse\x12\x13\n\x0b\x63heck_value\x18\x01 \x01(\t\x12\x1c\n\x14recorded_check_value\x18\x02 \x01(\t\"\x18\n\x16ListEnrollmentsRequest\"E\n\x17ListEnrollmentsResponse\x12*\n\x0b\x65nrollments\x18\x01 \x03(\x0b\x32\x15.keysvc.v1.Enrollment*\x93\x01\n\x0f\x45nrollmentState\x12 \n\x1c\x45NROLLMENT_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45NROLLMENT_STATE_REQUESTED\x10\x01\x12\x1e\n\x1a\x45NROLLMENT_STATE_DELIVERED\x10\x02\x12\x1e\n\x1a\x45NROLLMENT_STATE_COMPLETED\x10\x03\x32\xb8\x02\n\x10MasterKeyService\x12[\n\x10\x44\x65liverMasterKey\x12\".keysvc.v1.DeliverMasterKeyRequest\x1a#.keysvc.v1.DeliverMasterKeyResponse\x12m\n\x16GetMasterKeyCheckValue\x12(.keysvc.v1.GetMasterKeyCheckValueRequest\x1a).keysvc.v1.GetMasterKeyCheckValueResponse\x12X\n\x0fListEnrollments\x12!.keysvc.v1.ListEnrollmentsRequest\x1a\".keysvc.v1.ListEnrollmentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keysvc/v1/masterkey.proto\x12\tkeysvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x02\n\nEnrollment\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x14\n\x0creplica_name\x18\x02 \x01(\t\x12!\n\x19transport_key_fingerprint\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.keysvc.v1.EnrollmentState\x12\x30\n\x0crequest_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12master_check_value\x18\x07 \x01(\t\x12\x14\n\x0c\x64\x65livered_by\x18\x08 \x01(\t\"S\n\x17\x44\x65liverMasterKeyRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12!\n\x19transport_key_fingerprint\x18\x02 \x01(\t\"E\n\x18\x44\x65liverMasterKeyResponse\x12)\n\nenrollment\x18\x01 \x01(\x0b\x32\x15.keysvc.v1.Enrollment\"\x1f\n\x1dGetMasterKeyCheckValueRequest\"m\n\x1eGetMasterKeyCheckValueResponse\x12\x13\n\x0b\x63heck_value\x18\x01 \x01(\t\x12\x1c\n\x14recorded_check_value\x18\x02 \x01(\t\x12\x18\n\x10long_check_value\x18\x03 \x01(\t\"\x18\n\x16ListEnrollmentsRequest\"E\n\x17ListEnrollmentsResponse\x12*\n\x0b\x65nrollments\x18\x01 \x03(\x0b\x32\x15.keysvc.v1.Enrollment*\x93\x01\n\x0f\x45nrollmentState\x12 \n\x1c\x45NROLLMENT_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45NROLLMENT_STATE_REQUESTED\x10\x01\x12\x1e\n\x1a\x45NROLLMENT_STATE_DELIVERED\x10\x02\x12\x1e\n\x1a\x45NROLLMENT_STATE_COMPLETED\x10\x03\x32\xb8\x02\n\x10MasterKeyService\x12[\n\x10\x44\x65liverMasterKey\x12\".keysvc.v1.DeliverMasterKeyRequest\x1a#.keysvc.v1.DeliverMasterKeyResponse\x12m\n\x16GetMasterKeyCheckValue\x12(.keysvc.v1.GetMasterKeyCheckValueRequest\x1a).keysvc.v1.GetMasterKeyCheckValueResponse\x12X\n\x0fListEnrollments\x12!.keysvc.v1.ListEnrollmentsRequest\x1a\".keysvc.v1.ListEnrollmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keysvc.v1.masterkey_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLLMENTSTATE']._serialized_start=732
-  _globals['_ENROLLMENTSTATE']._serialized_end=879
+  _globals['_ENROLLMENTSTATE']._serialized_start=758
+  _globals['_ENROLLMENTSTATE']._serialized_end=905
   _globals['_ENROLLMENT']._serialized_start=74
   _globals['_ENROLLMENT']._serialized_end=358
   _globals['_DELIVERMASTERKEYREQUEST']._serialized_start=360
@@ -43,11 +43,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMASTERKEYCHECKVALUEREQUEST']._serialized_start=516
   _globals['_GETMASTERKEYCHECKVALUEREQUEST']._serialized_end=547
   _globals['_GETMASTERKEYCHECKVALUERESPONSE']._serialized_start=549
-  _globals['_GETMASTERKEYCHECKVALUERESPONSE']._serialized_end=632
-  _globals['_LISTENROLLMENTSREQUEST']._serialized_start=634
-  _globals['_LISTENROLLMENTSREQUEST']._serialized_end=658
-  _globals['_LISTENROLLMENTSRESPONSE']._serialized_start=660
-  _globals['_LISTENROLLMENTSRESPONSE']._serialized_end=729
-  _globals['_MASTERKEYSERVICE']._serialized_start=882
-  _globals['_MASTERKEYSERVICE']._serialized_end=1194
+  _globals['_GETMASTERKEYCHECKVALUERESPONSE']._serialized_end=658
+  _globals['_LISTENROLLMENTSREQUEST']._serialized_start=660
+  _globals['_LISTENROLLMENTSREQUEST']._serialized_end=684
+  _globals['_LISTENROLLMENTSRESPONSE']._serialized_start=686
+  _globals['_LISTENROLLMENTSRESPONSE']._serialized_end=755
+  _globals['_MASTERKEYSERVICE']._serialized_start=908
+  _globals['_MASTERKEYSERVICE']._serialized_end=1220
 # @@protoc_insertion_point(module_scope)

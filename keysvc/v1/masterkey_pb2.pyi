@@ -60,12 +60,14 @@ class GetMasterKeyCheckValueRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetMasterKeyCheckValueResponse(_message.Message):
-    __slots__ = ("check_value", "recorded_check_value")
+    __slots__ = ("check_value", "recorded_check_value", "long_check_value")
     CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
     RECORDED_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
+    LONG_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
     check_value: str
     recorded_check_value: str
-    def __init__(self, check_value: _Optional[str] = ..., recorded_check_value: _Optional[str] = ...) -> None: ...
+    long_check_value: str
+    def __init__(self, check_value: _Optional[str] = ..., recorded_check_value: _Optional[str] = ..., long_check_value: _Optional[str] = ...) -> None: ...
 
 class ListEnrollmentsRequest(_message.Message):
     __slots__ = ()

@@ -19,7 +19,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("wrapped_key", sa.LargeBinary, nullable=False),
         sa.Column("public_key", sa.LargeBinary, nullable=False, server_default=sa.text("''")),
-        sa.Column("check_value", sa.String(16), nullable=False, server_default=""),
+        sa.Column("check_value", sa.String(64), nullable=False, server_default=""),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_table(
@@ -31,7 +31,7 @@ def upgrade() -> None:
         sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("wrapped_master_key", sa.LargeBinary, nullable=True),
-        sa.Column("master_check_value", sa.String(16), nullable=False, server_default=""),
+        sa.Column("master_check_value", sa.String(64), nullable=False, server_default=""),
         sa.Column("delivered_by", sa.String(512), nullable=False, server_default=""),
     )
 
