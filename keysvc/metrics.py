@@ -79,6 +79,50 @@ dependency_up = Gauge(
     ("dependency",), registry=REGISTRY,
 )
 
+# The replica follower's (keysvc.replicas): they move only in a process that runs one.
+key_changes_applied_total = Counter(
+    "keysvc_key_changes_applied", "Entries of the key change log this process's follower applied (its own "
+    "changes included).", registry=REGISTRY,
+)
+rotations_promoted_total = Counter(
+    "keysvc_rotations_promoted", "Pending key versions this process made primary (safe rotation).",
+    registry=REGISTRY,
+)
+replicas_live = Gauge(
+    "keysvc_replicas_live", "Serving processes whose heartbeat is recent by the database's clock, counted at "
+    "this process's last heartbeat round (the same in every process sharing the database).", registry=REGISTRY,
+)
+
+
+class FollowerLag:
+    """The keysvc_key_change_follower_lag_seconds gauge: seconds since this process's
+    follower last completed a read of the key change log (or registered, before its
+    first), computed when scraped from the time the follower recorded, so that a follower
+    stuck or failing shows a growing value. No sample while no follower has started."""
+
+    NAME = "keysvc_key_change_follower_lag_seconds"
+    HELP = "Seconds since this process's follower last completed a read of the key change log."
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._read_at: float | None = None
+
+    def read_completed(self) -> None:
+        """Records that the follower has just read the change log to its end."""
+        self._read_at = self._clock()
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        read_at = self._read_at
+        if read_at is None:
+            return
+        yield GaugeMetricFamily(self.NAME, self.HELP, value=max(0.0, self._clock() - read_at))
+
+
+follower_lag = FollowerLag()
+REGISTRY.register(follower_lag)
 
 
 class StoredTokens:

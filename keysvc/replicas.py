@@ -16,6 +16,10 @@ One background thread per serving process (each worker process has its own KeyRi
 - with safe rotation on, it promotes every pending version whose key's newest change
   every live replica has seen (an optimistic, idempotent update);
 - now and then it prunes old changes and the rows of replicas long dead.
+
+Its metrics (keysvc.metrics): the entries it applied, the time since its last complete
+read of the log, the rotations this process promoted, and the live processes, counted
+at each heartbeat round.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from hsm.deadline import lock_wait
 from keysvc.errors import KeysvcError, NotFound
 from keysvc.keyring import KeyRing
 from keysvc.keys import promoted
+from keysvc.metrics import follower_lag, key_changes_applied_total, replicas_live, rotations_promoted_total
 from keysvc.model import Key
 from keysvc.store import KeyStore
-from keysvc.store.replicas import ChangeListener, ReplicaRecord, ReplicaStore
+from keysvc.store.replicas import ChangeListener, PendingPromotion, ReplicaRecord, ReplicaStore
 
 log = logging.getLogger("keysvc.replicas")
 
@@ -113,6 +118,8 @@ class Replica:
         self.seen_change = self._store.latest_change()
         self._ring.forget_all()
         self._store.register(self.replica_id, self.address, self.seen_change)
+        follower_lag.read_completed()
+        replicas_live.set(self._store.count_live(self.heartbeat_timeout))
         if self._keys.engine.dialect.name == "postgresql":
             self._listener = ChangeListener(self._database_url, stop=self._stop, clock=self._clock)
         self._thread = threading.Thread(target=self._run, name="keysvc-replica", daemon=True)
@@ -153,6 +160,7 @@ class Replica:
                 if beat:
                     next_heartbeat = self._clock() + self.heartbeat_interval
                     self._heartbeat()
+                    replicas_live.set(self._store.count_live(self.heartbeat_timeout))
                 if applied or beat:
                     self.promote_ready()
                 if self._clock() >= next_prune:
@@ -183,9 +191,11 @@ class Replica:
                 self._ring.invalidate(key_id, revision)
             if changes:
                 self.seen_change = changes[-1].seq
+                key_changes_applied_total.inc(len(changes))
                 applied = True
                 continue  # perhaps more than one page
             self._ring.mark_followed(started)
+            follower_lag.read_completed()
             break
         if applied:
             # At once, not at the next heartbeat: a rotation waits for it.
@@ -222,10 +232,27 @@ class Replica:
             if least is not None and least < waiting.last_change:
                 continue
             try:
-                key = self._keys.update_key(waiting.key_id, lambda k, v=waiting.pending_primary: promoted(k, v))
+                key = self._promote(waiting)
             except NotFound:
                 continue
             self._ring.remember(key)
+
+    def _promote(self, waiting: PendingPromotion) -> Key:
+        """Makes the waiting version primary unless another process did first (then only
+        reads the key). Raises NotFound for a key deleted meanwhile."""
+        wrote = False
+
+        def change(key: Key) -> Key:
+            # update_key may call this again after a lost race: only its last answer counts.
+            nonlocal wrote
+            wanted = promoted(key, waiting.pending_primary)
+            wrote = wanted is not key
+            return wanted
+
+        key = self._keys.update_key(waiting.key_id, change)
+        if wrote and key.primary_version == waiting.pending_primary:
+            rotations_promoted_total.inc()
+        return key
 
     def await_promotion(self, stored: Key, version: int) -> Key:
         """Waits for `version` of the key to stop pending (promoted by this process or

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 import urllib.request
 
 import grpc
+import psycopg
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keysvc.audit import AuditTrail
 from keysvc.authz import Policy
-from keysvc.metrics import MeasuredHsm, serve_metrics
+from keysvc.metrics import FollowerLag, MeasuredHsm, serve_metrics
 from keysvc.pki import issue_client_certificate, make_dev_pki
 from keysvc.rpc.server import Security, ServerOptions, create_server, server_credentials
 from keysvc.store.audit import AuditStore
@@ -45,6 +47,27 @@ def scrape(port: int) -> tuple[str, dict[tuple[str, tuple], float]]:
 
 def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def two_free_ports() -> int:
+    """A port free on 127.0.0.1 whose successor is free too (two workers' metrics)."""
+    base = _free_port()
+    while True:
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            base = _free_port()
+
+
+def wait_for(condition, what: str, within: float = 5.0) -> None:
+    """Polls condition() until it holds; fails the test after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {within} s: {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -196,6 +219,9 @@ def test_serve_metrics_listen_serves_the_endpoint_with_the_dependencies_up(token
             tokens = tokens_pb2_grpc.TokenServiceStub(channel)
             tokens.Tokenize(tokens_pb2.TokenizeRequest(domain=merchant, pans=PANS[:2]), timeout=10)
             tokens.Tokenize(tokens_pb2.TokenizeRequest(domain="other-shop", pans=PANS), timeout=10)
+        # On SQLite too the process follows the change log (by polling), its own changes included.
+        wait_for(lambda: value(scrape(metrics_port)[1], "keysvc_key_changes_applied_total") >= 1,
+                 "the key's creation applied by the follower")
         text, samples = scrape(metrics_port)
     finally:
         stop_keysvc_server(server)
@@ -209,20 +235,16 @@ def test_serve_metrics_listen_serves_the_endpoint_with_the_dependencies_up(token
     assert value(samples, "keysvc_requests_total", rpc="keysvc.v1.KeyService/CreateKey", code="OK", role="none") == 1
     assert value(samples, "keysvc_dependency_up", dependency="hsm") == 1
     assert value(samples, "keysvc_dependency_up", dependency="database") == 1
+    assert 0 <= value(samples, "keysvc_key_change_follower_lag_seconds") < 2.0
+    assert value(samples, "keysvc_replicas_live") == 1
+    assert value(samples, "keysvc_rotations_promoted_total") == 0  # no safe rotation on SQLite by default
     # One for the new key, one for the audit trail's checkpoint key, made at its first record,
     # one for each token domain's fingerprint key.
     assert value(samples, "keysvc_hsm_call_duration_seconds_count", operation="generate_wrapped_secret") == 4
 
 
 def test_each_worker_serves_its_metrics_on_the_port_plus_its_index(token, tmp_path, merchant):
-    base = _free_port()
-    while True:  # base + 1 must be free too
-        try:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", base + 1))
-            break
-        except OSError:
-            base = _free_port()
+    base = two_free_ports()
     server = start_keysvc_server(token, f"sqlite:///{tmp_path / 'k.db'}", tmp_path / "server.log", workers=2,
                                  extra_args=("--metrics-listen", f"127.0.0.1:{base}"))
     try:
@@ -251,3 +273,74 @@ def test_a_metrics_port_in_use_stops_serve_with_a_message_naming_the_setting(tok
     assert done.returncode != 0
     assert f"metrics.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_follower_lag_is_computed_when_scraped_so_a_stuck_follower_shows_it_growing():
+    clock = FakeClock()
+    lag = FollowerLag(clock)
+    assert list(lag.collect()) == []  # no follower yet: no sample rather than a wrong one
+    lag.read_completed()
+    clock.now += 0.3
+    assert [family.samples[0].value for family in lag.collect()] == [pytest.approx(0.3)]
+    clock.now += 7.0  # no read completed since
+    assert [family.samples[0].value for family in lag.collect()] == [pytest.approx(7.3)]
+    lag.read_completed()
+    assert [family.samples[0].value for family in lag.collect()] == [0.0]
+
+
+def key_changes_logged(database_url: str) -> int:
+    with psycopg.connect(database_url) as connection:
+        return connection.execute("SELECT count(*) FROM key_changes").fetchone()[0]
+
+
+def test_each_workers_follower_reports_changes_applied_rotations_promoted_its_lag_and_the_live_processes(
+        token, postgres_url, tmp_path, merchant):
+    base = two_free_ports()
+    ports = (base, base + 1)
+    # PostgreSQL: every worker follows the change log and safe rotation is on.
+    server = start_keysvc_server(token, postgres_url, tmp_path / "server.log", workers=2,
+                                 extra_args=("--metrics-listen", f"127.0.0.1:{base}"))
+    try:
+        logged_before = key_changes_logged(postgres_url)
+        before = [scrape(port)[1] for port in ports]
+        with grpc.insecure_channel(server.address) as channel:
+            keys = keys_pb2_grpc.KeyServiceStub(channel)
+            key_id = keys.CreateKey(keys_pb2.CreateKeyRequest(
+                merchant_id=merchant, name="followed", algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256),
+                timeout=10).key.key_id
+            rotated = keys.RotateKey(keys_pb2.RotateKeyRequest(key_id=key_id), timeout=10)
+        # Both workers loaded version 2 before RotateKey answered it primary.
+        assert (rotated.key.primary_version, rotated.key.pending_primary) == (2, 0)
+        logged = key_changes_logged(postgres_url) - logged_before  # creation, rotation, promotion at least
+        assert logged >= 3
+
+        def delta(index: int, samples, name: str) -> float:
+            return value(samples, name) - value(before[index], name)
+
+        def every_worker_applied_every_change() -> bool:
+            return all(delta(index, scrape(port)[1], "keysvc_key_changes_applied_total") >= logged
+                       for index, port in enumerate(ports))
+
+        # Each worker's follower applies every entry of the log, its own worker's included.
+        wait_for(every_worker_applied_every_change, "every change applied by both workers")
+        # Each counts two live processes (its heartbeat round refreshes the count every second).
+        wait_for(lambda: all(value(scrape(port)[1], "keysvc_replicas_live") == 2 for port in ports),
+                 "both workers counted live")
+        scraped = [scrape(port) for port in ports]
+        for index, (text, samples) in enumerate(scraped):
+            assert delta(index, samples, "keysvc_key_changes_applied_total") == logged
+            assert 0 <= value(samples, "keysvc_key_change_follower_lag_seconds") < 2.0
+            assert key_id not in text and merchant not in text
+        # One rotation, promoted once: by whichever worker got there first.
+        assert sum(delta(index, samples, "keysvc_rotations_promoted_total")
+                   for index, (_, samples) in enumerate(scraped)) == 1
+    finally:
+        stop_keysvc_server(server)

@@ -109,6 +109,13 @@ class ReplicaStore:
         return [ReplicaRecord(row.replica_id, row.address, _as_utc(row.started_at), _as_utc(row.heartbeat_at),
                               row.seen_change, bool(row.live)) for row in rows]
 
+    def count_live(self, timeout: float) -> int:
+        """How many processes heartbeat within the last `timeout` seconds."""
+        with _database_errors(), self._engine.connect() as connection:
+            return connection.execute(
+                sa.select(sa.func.count()).select_from(replicas)
+                .where(replicas.c.heartbeat_at > self._live_after(timeout))).scalar_one()
+
     def prune_replicas(self, dead_for: float) -> int:
         """Deletes the rows of processes silent for `dead_for` seconds (killed, not stopped)."""
         with _database_errors(), self._engine.begin() as connection:
