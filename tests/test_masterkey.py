@@ -47,7 +47,7 @@ from keysvc.v1 import (
 )
 from tests.conftest import REPO, TOKEN_LABEL, SoftHsmToken, make_domain
 from tests.servers import KEYSVC, start_keysvc_server, stop_keysvc_server
-from tests.test_security import channel_as
+from tests.grpc_helpers import channel_as, error_info
 
 TIMEOUT = 20.0
 
@@ -75,15 +75,6 @@ def shared_rows(engine: sa.Engine) -> dict:
         return {row.name: tuple(row) for row in connection.execute(sa.select(shared_keys))}
 
 
-def error_info(error: grpc.RpcError):
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    for detail in rpc_status.from_call(error).details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    raise AssertionError("no ErrorInfo")
 
 
 def pending_id(error: grpc.RpcError) -> str:

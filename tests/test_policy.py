@@ -16,8 +16,6 @@ import time
 import grpc
 import pytest
 import sqlalchemy as sa
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
@@ -29,6 +27,7 @@ from keysvc.store.audit import AuditStore
 from keysvc.store.policies import PolicyStore
 from keysvc.store.schema import policies
 from keysvc.v1 import approvals_pb2, approvals_pb2_grpc, policy_pb2, policy_pb2_grpc, seals_pb2, seals_pb2_grpc
+from tests.grpc_helpers import channel_as, code_of, error_info
 from tests.servers import KEYSVC, start_keysvc_server, stop_keysvc_server
 
 TIMEOUT = 10.0
@@ -94,25 +93,10 @@ def servers(domain, pki):
     running.close()
 
 
-def channel_as(address: str, pki, name: str) -> grpc.Channel:
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(
-        (pki / "ca.crt").read_bytes(), (pki / f"{name}.key").read_bytes(), (pki / f"{name}.crt").read_bytes()))
 
 
-def code_of(call, request) -> grpc.StatusCode:
-    try:
-        call(request, timeout=TIMEOUT)
-        return grpc.StatusCode.OK
-    except grpc.RpcError as error:
-        return error.code()
 
 
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    for detail in rpc_status.from_call(error).details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    raise AssertionError("no ErrorInfo")
 
 
 def propose(address: str, pki, document: str, name: str = "client-key-admin") -> grpc.RpcError:

@@ -43,6 +43,7 @@ from keysvc.v1 import (
     tokens_pb2,
     tokens_pb2_grpc,
 )
+from tests.grpc_helpers import channel_as, code_of
 from tests.servers import KEYSVC
 
 TIMEOUT = 10.0
@@ -87,20 +88,8 @@ def secure_server(domain, pki):
     grpc_server.stop(None)
 
 
-def channel_as(address: str, pki, name: str | None, ca: str = "ca.crt") -> grpc.Channel:
-    root = (pki / ca).read_bytes()
-    if name is None:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root))
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(
-        root, (pki / f"{name}.key").read_bytes(), (pki / f"{name}.crt").read_bytes()))
 
 
-def code_of(call, request) -> grpc.StatusCode:
-    try:
-        call(request, timeout=TIMEOUT)
-        return grpc.StatusCode.OK
-    except grpc.RpcError as error:
-        return error.code()
 
 
 def every_rpc():
