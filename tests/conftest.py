@@ -52,6 +52,19 @@ class SoftHsmToken:
         }
 
 
+def new_token(directory: Path, *, with_master_key: bool = False) -> SoftHsmToken:
+    """A SoftHSM token of its own (no master key unless asked), for keysvc subprocesses."""
+    subprocess.run([str(REPO / "hsm" / "softhsm" / "setup-token.sh"), str(directory), TOKEN_LABEL],
+                   check=True, capture_output=True)
+    token = SoftHsmToken(directory, directory / "softhsm2.conf", directory / "pin")
+    if with_master_key:
+        subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c",
+                        "import hsm, os; hsm.Hsm.connect(hsm.HsmConfig(os.environ['KEYSVC_TOKEN_LABEL'], "
+                        "open(os.environ['KEYSVC_HSM_PIN_FILE']).read().strip())).ensure_master_key()"],
+                       env=token.env, check=True, capture_output=True)
+    return token
+
+
 @pytest.fixture(scope="session")
 def token(tmp_path_factory) -> SoftHsmToken:
     """A fresh SoftHSM2 token with keysvc's token keys, for the whole session."""

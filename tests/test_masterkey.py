@@ -45,24 +45,11 @@ from keysvc.v1 import (
     seals_pb2,
     seals_pb2_grpc,
 )
-from tests.conftest import REPO, TOKEN_LABEL, SoftHsmToken, make_domain
+from tests.conftest import REPO, SoftHsmToken, make_domain, new_token
 from tests.servers import KEYSVC, start_keysvc_server, stop_keysvc_server
 from tests.grpc_helpers import channel_as, error_info
 
 TIMEOUT = 20.0
-
-
-def new_token(directory: Path, *, with_master_key: bool = False) -> SoftHsmToken:
-    """A SoftHSM token of its own (no master key unless asked), for keysvc subprocesses."""
-    subprocess.run([str(REPO / "hsm" / "softhsm" / "setup-token.sh"), str(directory), TOKEN_LABEL],
-                   check=True, capture_output=True)
-    token = SoftHsmToken(directory, directory / "softhsm2.conf", directory / "pin")
-    if with_master_key:
-        subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c",
-                        "import hsm, os; hsm.Hsm.connect(hsm.HsmConfig(os.environ['KEYSVC_TOKEN_LABEL'], "
-                        "open(os.environ['KEYSVC_HSM_PIN_FILE']).read().strip())).ensure_master_key()"],
-                       env=token.env, check=True, capture_output=True)
-    return token
 
 
 def keysvc(token: SoftHsmToken, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -73,8 +60,6 @@ def keysvc(token: SoftHsmToken, *args: str, input: str | None = None) -> subproc
 def shared_rows(engine: sa.Engine) -> dict:
     with engine.connect() as connection:
         return {row.name: tuple(row) for row in connection.execute(sa.select(shared_keys))}
-
-
 
 
 def pending_id(error: grpc.RpcError) -> str:

@@ -1,6 +1,6 @@
 """Replicas: several `keysvc serve` processes over one PostgreSQL, each with its own SoftHSM
-token holding the same master key (here each token is a copy of the session token, as
-a restored backup would be), reached through gRPC client-side round-robin load balancing.
+token holding the same master key (restored into each empty token from a backup split
+between two custodians), reached through gRPC client-side round-robin load balancing.
 
 - A change made through one replica is in force on every other within a second
   (LISTEN/NOTIFY, with a poll of the change log behind it that outlives a dropped
@@ -32,8 +32,9 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
+import hsm
 from hsm.deadline import reset_call_deadline, set_call_deadline
-from keysvc import config
+from keysvc import config, masterkey
 from keysvc.cli import main as cli_main
 from keysvc.client import KeysvcCallError, KeysvcClient
 from keysvc.errors import Unavailable
@@ -45,9 +46,9 @@ from keysvc.seals import SealRequest
 from keysvc.store.replicas import LISTENER_APPLICATION_NAME, ChangeListener, ReplicaStore
 from keysvc.v1 import keys_pb2, replicas_pb2, tokens_pb2
 from tests.conftest import (
-    SoftHsmToken, _as_postgres_user, _postgres_bindir, _start_throwaway_postgres, run_together,
+    SoftHsmToken, _as_postgres_user, _postgres_bindir, _start_throwaway_postgres, new_token, run_together,
 )
-from tests.servers import KeysvcServer, start_keysvc_server, stop_keysvc_server
+from tests.servers import KEYSVC, KeysvcServer, start_keysvc_server, stop_keysvc_server
 from tests.test_tokens import random_pan
 
 REPLICAS = 3
@@ -221,21 +222,36 @@ def test_the_ring_trusts_its_cache_longer_only_while_the_change_log_is_followed(
 # -- replicas ------------------------------------------------------------------------------------
 
 
-def clone_token(source: SoftHsmToken, directory: Path) -> SoftHsmToken:
-    """Another token holding the same keys as `source` (its token folder copied), with its
-    own configuration: a separate HSM as far as a keysvc process can tell."""
-    directory.mkdir(mode=0o700)
-    shutil.copytree(source.directory / "tokens", directory / "tokens")
-    config = directory / "softhsm2.conf"
-    config.write_text(f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\n"
-                      "log.level = ERROR\nslots.removable = false\n")
-    shutil.copy2(source.pin_path, directory / "pin")
-    return SoftHsmToken(directory, config, directory / "pin")
+def restored_tokens(source: hsm.Hsm, directory: Path, count: int) -> list[SoftHsmToken]:
+    """`count` new tokens, each holding `source`'s master key and nothing else, put there
+    as in disaster recovery: a backup split between two custodians, restored with
+    `keysvc master-key restore` into each empty token. The replicas then share the
+    binding and import keys through the database, as a deployment's replicas do."""
+    directory.mkdir(parents=True)
+    custodians, arguments = [], []
+    for name in ("alice", "bob"):
+        private_key, public_key = masterkey.make_custodian_key()
+        custodians.append(masterkey.Custodian(name, public_key))
+        (directory / f"{name}.key").write_text(masterkey.encode_private_key(private_key))
+        arguments += ["--component", str(directory / f"{name}.component"),
+                      "--custodian-key", str(directory / f"{name}.key")]
+    backup, components = masterkey.backup_master_key(source, custodians)
+    (directory / "backup.json").write_text(backup.to_json())
+    for custodian, component in zip(custodians, components):
+        (directory / f"{custodian.name}.component").write_text(component.to_json())
+    tokens = []
+    for index in range(count):
+        token = new_token(directory / f"hsm-{index}")
+        restored = subprocess.run([KEYSVC, "master-key", "restore", "--backup", str(directory / "backup.json"),
+                                   *arguments], env=token.env, capture_output=True, text=True, timeout=120)
+        assert restored.returncode == 0, restored.stderr
+        tokens.append(token)
+    return tokens
 
 
-def start_replicas(token: SoftHsmToken, database_url: str, directory: Path, count: int) -> list[KeysvcServer]:
-    """`count` replicas started together (their migrations race), each on its own token copy."""
-    tokens = [clone_token(token, directory / f"hsm-{index}") for index in range(count)]
+def start_replicas(source: hsm.Hsm, database_url: str, directory: Path, count: int) -> list[KeysvcServer]:
+    """`count` replicas started together (their migrations race), each on its own token."""
+    tokens = restored_tokens(source, directory / "hsm", count)
     with ThreadPoolExecutor(count) as pool:
         starting = [pool.submit(start_keysvc_server, tokens[index], database_url, directory / f"replica-{index}.log",
                                 extra_env=REPLICA_ENV) for index in range(count)]
@@ -286,9 +302,9 @@ def drop_database(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(token, postgres_admin_url, tmp_path_factory):
+def cluster(hsm_token, postgres_admin_url, tmp_path_factory):
     database_url = new_database(postgres_admin_url)
-    started = Cluster(database_url, start_replicas(token, database_url, tmp_path_factory.mktemp("replicas"), REPLICAS))
+    started = Cluster(database_url, start_replicas(hsm_token, database_url, tmp_path_factory.mktemp("replicas"), REPLICAS))
     yield started
     started.close()
     drop_database(database_url)
@@ -695,9 +711,9 @@ def restartable_postgres():
 
 
 def test_postgresql_restarted_under_load_calls_fail_fast_with_unavailable_then_recover_by_themselves(
-        token, restartable_postgres, tmp_path, merchant):
+        hsm_token, restartable_postgres, tmp_path, merchant):
     database_url = new_database(restartable_postgres.admin_url)
-    replicas = Cluster(database_url, start_replicas(token, database_url, tmp_path, 2))
+    replicas = Cluster(database_url, start_replicas(hsm_token, database_url, tmp_path, 2))
     try:
         a, b = replicas.one(0), replicas.one(1)
         key_id = create_key(a, merchant, "through-restart")
