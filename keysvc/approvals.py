@@ -31,6 +31,7 @@ import sqlalchemy as sa
 
 import hsm
 from keysvc.audit import AuditTrail
+from keysvc.authz import DUAL_CONTROL_METHODS
 from keysvc.errors import FailedPrecondition, KeysvcError, NotFound, PermissionDenied
 from keysvc.keyring import hsm_errors
 from keysvc.logs import current_request_id
@@ -103,11 +104,17 @@ class Approvals:
     workers and replicas."""
 
     def __init__(self, engine: sa.Engine, token: hsm.Hsm, *, ttl: timedelta = DEFAULT_TTL,
-                 audit: AuditTrail | None = None) -> None:
+                 audit: AuditTrail | None = None, methods: frozenset[str] = DUAL_CONTROL_METHODS) -> None:
         self._engine = engine
         self._hsm = token
         self._audit = audit
         self.ttl = ttl
+        # The gRPC methods that wait for a second key-admin (keysvc.authz.dual_control_methods).
+        self.methods = methods
+
+    def requires(self, method: str) -> bool:
+        """Whether `method` (a full gRPC method name) needs a second key-admin's approval."""
+        return method in self.methods
 
     def propose(self, method: str, request: bytes, target: str, requested_by: str) -> PendingOperation:
         """Keeps `request` as a new pending operation, tagged. Raises Unavailable."""

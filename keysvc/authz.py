@@ -22,6 +22,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 ROLES = ("gateway", "detokenizer", "signer", "key-admin", "auditor")
 ALL = "*"
@@ -68,11 +69,21 @@ DEADLINE_REQUIRED_METHODS = frozenset({
     _SEALS + "BatchSeal", _SEALS + "BatchVerify", _SIGNING + "BatchSign", _TOKENS + "Tokenize",
     _TOKENS + "Detokenize", _TOKENS + "RewrapTokens", _KEYS + "CreateKey", _KEYS + "RotateKey",
 })
-# Calls that need a second key-admin's approval when dual control is on.
-DUAL_CONTROL_METHODS = frozenset({
-    _KEYS + "ImportKey", _KEYS + "DestroyKeyVersion", _TOKENS + "ShredTokenDomain",
-    _MASTER_KEY + "DeliverMasterKey", _POLICY + "ProposePolicy",
-})
+# Calls that need a second key-admin's approval when dual control is on: the optional
+# ones by the short name `auth.dual_control_operations` lists them with (all by default);
+# delivering the master key to another HSM always needs two.
+OPTIONAL_DUAL_CONTROL = {
+    "ImportKey": _KEYS + "ImportKey", "DestroyKeyVersion": _KEYS + "DestroyKeyVersion",
+    "ShredTokenDomain": _TOKENS + "ShredTokenDomain", "ProposePolicy": _POLICY + "ProposePolicy",
+}
+ALWAYS_DUAL_CONTROL = frozenset({_MASTER_KEY + "DeliverMasterKey"})
+DUAL_CONTROL_METHODS = frozenset(OPTIONAL_DUAL_CONTROL.values()) | ALWAYS_DUAL_CONTROL
+
+
+def dual_control_methods(operations: Iterable[str]) -> frozenset[str]:
+    """The full method names needing two key-admins when `operations` (short names from
+    OPTIONAL_DUAL_CONTROL) are configured. Raises KeyError naming an unknown one."""
+    return frozenset(OPTIONAL_DUAL_CONTROL[name] for name in operations) | ALWAYS_DUAL_CONTROL
 # Calls that change keys or reveal card numbers: recorded in the audit trail whatever
 # their outcome (denied calls of every method are recorded too).
 AUDITED_METHODS = frozenset({

@@ -276,8 +276,11 @@ _config_option = click.option(
 @click.option("--tls-client-ca", default=None, help="CA certificate(s) that client certificates must chain to.")
 @click.option("--policy", default=None, help="The role policy (TOML): which identity may call what.")
 @click.option("--dual-control/--no-dual-control", default=None,
-              help="With TLS: ImportKey, DestroyKeyVersion and ShredTokenDomain need a second key-admin "
+              help="With TLS: the operations of --dual-control-operations need a second key-admin "
                    "[default: on].")
+@click.option("--dual-control-operations", default=None,
+              help="Comma-separated: which of ImportKey, DestroyKeyVersion, ShredTokenDomain, ProposePolicy "
+                   "need a second key-admin [default: all four; DeliverMasterKey always does].")
 @click.option("--insecure-loopback", is_flag=True, default=None,
               help="Development only: plain text, no client certificates, every caller may do everything; "
                    "refused on any non-loopback address.")

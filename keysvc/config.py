@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import hsm
+from keysvc.authz import OPTIONAL_DUAL_CONTROL
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///data/keysvc.db"
@@ -75,6 +76,9 @@ class Settings:
     insecure_loopback: bool = False
     # With TLS: ImportKey, DestroyKeyVersion and ShredTokenDomain need two key-admins.
     dual_control: bool = True
+    # Which operations dual control covers (comma-separated short names; DeliverMasterKey
+    # always needs two key-admins).
+    dual_control_operations: str = "ImportKey,DestroyKeyVersion,ShredTokenDomain,ProposePolicy"
     # The configuration file these settings came from ('' when none): SIGHUP re-reads
     # its log level.
     config_file: str = ""
@@ -93,6 +97,11 @@ class Settings:
     @property
     def hsm_config(self) -> hsm.HsmConfig:
         return hsm.HsmConfig(token_label=self.token_label, pin=self.pin, module_path=self.hsm_module)
+
+    @property
+    def dual_control_names(self) -> tuple[str, ...]:
+        """The operations dual control covers, as configured (short names)."""
+        return tuple(name.strip() for name in self.dual_control_operations.split(",") if name.strip())
 
     @property
     def rotates_safely(self) -> bool:
@@ -141,6 +150,7 @@ SETTINGS = (
     Setting("auth.policy", "policy", "KEYSVC_POLICY", str),
     Setting("insecure_loopback", "insecure_loopback", "KEYSVC_INSECURE_LOOPBACK", bool),
     Setting("auth.dual_control", "dual_control", "KEYSVC_DUAL_CONTROL", bool),
+    Setting("auth.dual_control_operations", "dual_control_operations", "KEYSVC_DUAL_CONTROL_OPERATIONS", str),
     Setting("limits.verify_per_second", "verify_rate", "KEYSVC_VERIFY_RATE", float),
     Setting("limits.detokenize_per_second", "detokenize_rate", "KEYSVC_DETOKENIZE_RATE", float),
     Setting("replicas.address", "replica_address", "KEYSVC_REPLICA_ADDRESS", str),
@@ -204,6 +214,10 @@ def _problems(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("listen", message))
     if settings.workers < 1:
         problems.append(("workers", "must be at least 1"))
+    unknown = [name for name in settings.dual_control_names if name not in OPTIONAL_DUAL_CONTROL]
+    if unknown:
+        problems.append(("dual_control_operations", f"unknown operation(s) {', '.join(unknown)}: choose among "
+                         f"{', '.join(OPTIONAL_DUAL_CONTROL)}"))
     if not (settings.database_url.startswith("sqlite:") or settings.database_url.startswith("postgresql")):
         problems.append(("database_url", "must be a sqlite:/// or postgresql:// URL"))
     if not settings.token_label:

@@ -28,7 +28,7 @@ import hsm
 from keysvc import deployment
 from keysvc.approvals import Approvals
 from keysvc.audit import AuditTrail
-from keysvc.authz import Policy, PolicyError
+from keysvc.authz import Policy, PolicyError, dual_control_methods
 from keysvc.config import LOG_LEVELS, ConfigurationError, Settings, read_file
 from keysvc.health import HealthMonitor, database_check, hsm_check
 from keysvc.keyring import KeyRing
@@ -126,11 +126,12 @@ def security_of(settings: Settings):
 def policy_book_of(settings: Settings, services: Services, security) -> PolicyBook | None:
     """The book of security's policy (None without security), with the newest approved
     policy already in force: a server never serves with the file once one is approved.
-    With dual control, a proposed policy must keep two key-admins."""
+    With policy changes under dual control, a proposed policy must keep two key-admins."""
     if security is None:
         return None
     book = PolicyBook(security.policy, PolicyStore(services.store.engine), hsm.Hsm.connect(settings.hsm_config),
-                      file_path=Path(settings.policy), min_key_admins=2 if settings.dual_control else 1)
+                      file_path=Path(settings.policy),
+                      min_key_admins=2 if settings.dual_control and "ProposePolicy" in settings.dual_control_names else 1)
     book.refresh()
     return book
 
@@ -201,8 +202,9 @@ def serve_here(settings: Settings, on_ready=None, worker_index: int = 0) -> None
         settings.listen, services.keys, services.sealer, options, signer=services.signer,
         tokenizer=services.tokenizer, on_unavailable=monitor.probe_soon, audit_trail=services.audit_trail,
         security=security,
-        approvals=Approvals(services.store.engine, hsm.Hsm.connect(settings.hsm_config),
-                            audit=services.audit_trail) if settings.dual_control else None,
+        approvals=Approvals(services.store.engine, hsm.Hsm.connect(settings.hsm_config), audit=services.audit_trail,
+                            methods=dual_control_methods(settings.dual_control_names))
+        if settings.dual_control else None,
         limiter=RateLimiter({"verify": Rate.of(settings.verify_rate), "detokenize": Rate.of(settings.detokenize_rate)}),
         replicas=services.replica,
         master_keys=MasterKeyAdmin(MeasuredHsm(hsm.Hsm.connect(settings.hsm_config)), services.store.engine),

@@ -114,6 +114,8 @@ def test_the_config_file_can_be_named_by_keysvc_config(tmp_path, pin_file):
     ('[hsm]\npin = "123456"', "hsm.pin: the PIN is never read from the configuration file"),
     ("reflection = 1", "reflection: must be true or false"),
     ("workers = [", "not valid TOML"),
+    ('[auth]\ndual_control_operations = "ImportKey,DeliverMasterKey"',
+     "auth.dual_control_operations: unknown operation(s) DeliverMasterKey: choose among ImportKey, "),
 ])
 def test_a_wrong_file_setting_is_named(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -215,3 +217,17 @@ def test_sighup_applies_the_configuration_files_log_level(token, tmp_path):
     finally:
         stop_keysvc_server(server)
     assert "log level DEBUG" in server.log()
+
+
+def test_dual_control_covers_the_operations_the_setting_names_and_always_master_key_delivery():
+    from keysvc.authz import OPTIONAL_DUAL_CONTROL, dual_control_methods
+
+    development = {"KEYSVC_HSM_PIN": "123456", "KEYSVC_INSECURE_LOOPBACK": "1"}
+    everything, _ = config.load_settings(None, environ=development)
+    some, _ = config.load_settings(None, environ={**development,
+                                                  "KEYSVC_DUAL_CONTROL_OPERATIONS": " ImportKey , ProposePolicy"})
+    assert everything.dual_control_names == tuple(OPTIONAL_DUAL_CONTROL)
+    assert some.dual_control_names == ("ImportKey", "ProposePolicy")
+    assert dual_control_methods(some.dual_control_names) == {
+        "/keysvc.v1.KeyService/ImportKey", "/keysvc.v1.PolicyService/ProposePolicy",
+        "/keysvc.v1.MasterKeyService/DeliverMasterKey"}

@@ -312,6 +312,25 @@ def test_dual_control_a_second_admin_approves_then_it_runs_and_nothing_runs_on_o
     assert ("DestroyKeyVersion", "APPROVAL_REQUIRED") in outcomes and ("ApproveOperation", "OK") in outcomes
 
 
+def test_dual_control_covers_only_the_configured_operations(dual_control_server, pki, domain, merchant):
+    from keysvc.authz import dual_control_methods
+    from keysvc.model import KeyVersionState
+
+    address, approvals, _trail = dual_control_server
+    approvals.methods = dual_control_methods(["ImportKey"])  # as `auth.dual_control_operations = "ImportKey"`
+    request = _destroy_request(domain, merchant)
+    import_request = keys_pb2.ImportKeyRequest(merchant_id=merchant, name="imported", wrapped_secret=b"x" * 40,
+                                               algorithm=keys_pb2.KEY_ALGORITHM_HMAC_SHA256)
+    with channel_as(address, pki, "client-key-admin") as channel:
+        keys = keys_pb2_grpc.KeyServiceStub(channel)
+        destroyed = keys.DestroyKeyVersion(request, timeout=TIMEOUT)  # one admin is enough now
+        with pytest.raises(grpc.RpcError) as asked:
+            keys.ImportKey(import_request, timeout=TIMEOUT)
+    assert destroyed.key.versions[-1].state == keys_pb2.KEY_VERSION_STATE_DESTROYED
+    assert domain.store.load_key(request.key_id).find_version(1).state is KeyVersionState.DESTROYED
+    assert _pending_id(asked.value)
+
+
 def test_dual_control_a_rejected_or_expired_operation_never_runs(dual_control_server, pki, domain, merchant):
     from datetime import timedelta
 

@@ -22,7 +22,6 @@ from keysvc.audit import AuditTrail
 from keysvc.authz import (
     AUDITED_METHODS,
     DEADLINE_REQUIRED_METHODS,
-    DUAL_CONTROL_METHODS,
     RATE_LIMITED_METHODS,
     Policy,
     Scope,
@@ -188,7 +187,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 precheck(request)
             except errors.KeysvcError as error:
                 self._refuse(context, error, identity, method, target, request_id)
-        if self._approvals is not None and method in DUAL_CONTROL_METHODS:
+        if self._approvals is not None and self._approvals.requires(method):
             self._ask_for_approval(context, identity, method, request, target, request_id)
         if method not in AUDITED_METHODS:
             return inner(request, context)

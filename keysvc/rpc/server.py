@@ -146,8 +146,9 @@ def create_server(
     rpc/interceptors.py), then authorised and audited (rpc/auth.py); `on_unavailable`
     is called after a call ends UNAVAILABLE. Without `security` the server listens
     in plain text and lets every caller do everything: for loopback development only.
-    With security and `approvals`, ImportKey, DestroyKeyVersion, ShredTokenDomain and
-    DeliverMasterKey need a second key-admin (ApprovalService), and DeliverMasterKey and
+    With security and `approvals`, the methods approvals.requires (by default ImportKey,
+    DestroyKeyVersion, ShredTokenDomain, ProposePolicy; always DeliverMasterKey) need a
+    second key-admin (ApprovalService), and DeliverMasterKey and
     ProposePolicy are checked before they wait for it; with security, `limiter` limits each
     identity's Verify and Detokenize rates and expensive calls need a deadline.
     With security and `policies` (the book of security.policy), PolicyService changes
