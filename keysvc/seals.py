@@ -134,14 +134,18 @@ def _check_deadline(deadline: float | None) -> None:
         raise DeadlineExceeded("the deadline passed before the work was done")
 
 
+_UNSEEN = object()
+
+
 def _memoised(cache: dict, name, compute):
     """compute() once per name: its result, or the KeysvcError it raised, again."""
-    if name not in cache:
+    found = cache.get(name, _UNSEEN)  # one lookup per item of a batch: this runs for each
+    if found is _UNSEEN:
         try:
-            cache[name] = compute()
+            found = compute()
         except KeysvcError as error:
-            cache[name] = error
-    found = cache[name]
+            found = error
+        cache[name] = found
     if isinstance(found, KeysvcError):
         raise found
     return found
@@ -178,7 +182,9 @@ class Sealer:
         return InvalidArgument("message", f"is longer than {self.max_message_bytes} bytes")
 
     def _check_size(self, request) -> None:
-        given = len(request.message) + len(request.fields_json) + sum(len(n) + len(v) for n, v in request.fields)
+        given = len(request.message) + len(request.fields_json)
+        if request.fields:
+            given += sum(len(name) + len(value) for name, value in request.fields)
         if given > self.max_message_bytes:
             raise self._oversized_message()
 
@@ -192,8 +198,7 @@ class Sealer:
         if request.scheme is not SealScheme.HMAC and request.encoding is not SealEncoding.HEX:
             raise InvalidArgument("encoding", f"{request.scheme.value} seals are hex")
         sealed = build(request.scheme, request, key.charset)
-        algorithm = key.algorithm.platform_name
-        if sealed.seal_algorithm is not None and sealed.seal_algorithm != algorithm:
+        if sealed.seal_algorithm is not None and sealed.seal_algorithm != (algorithm := key.algorithm.platform_name):
             # Quoted only when it is an algorithm name: it is message data.
             asked = repr(sealed.seal_algorithm) if sealed.seal_algorithm in KNOWN_ALGORITHM_NAMES else "another"
             raise InvalidArgument(
@@ -265,10 +270,11 @@ class Sealer:
                 for index, _sealed in items:
                     outcomes[index] = error
                 continue
+            algorithm = key.algorithm.platform_name
             for (index, sealed), tag in zip(items, tags):
                 outcomes[index] = Seal(
                     encode_tag(tag, requests[index].encoding), key.key_id, version.version, sealed.built_data,
-                    key.algorithm.platform_name,
+                    algorithm,
                 )
         return outcomes
 
