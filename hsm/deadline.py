@@ -38,12 +38,16 @@ def reset_call_deadline(token: contextvars.Token) -> None:
     _deadline.reset(token)
 
 
+def time_left() -> float | None:
+    """Seconds before this thread's call deadline (0 once it passed), or None without one."""
+    deadline = _deadline.get()
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def lock_wait() -> float:
     """Seconds this thread may wait for the PKCS#11 lock now (0: only if it is free)."""
-    deadline = _deadline.get()
-    if deadline is None:
-        return MAX_LOCK_WAIT
-    return max(0.0, min(MAX_LOCK_WAIT, deadline - time.monotonic()))
+    left = time_left()
+    return MAX_LOCK_WAIT if left is None else min(MAX_LOCK_WAIT, left)
 
 
 @contextmanager

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from hsm.deadline import lock_wait
+from hsm.deadline import time_left
 from keysvc.errors import KeysvcError, NotFound
 from keysvc.keyring import KeyRing
 from keysvc.keys import promoted
@@ -267,9 +267,8 @@ class Replica:
         the caller gets the answer, not DEADLINE_EXCEEDED. Never raises: the rotation
         is stored, and an error here (the database away) would make a client rotate the
         key again; it answers the newest copy it read, else `stored`."""
-        # lock_wait() is the time left before the call's deadline (capped at a minute,
-        # far above rotation_wait) or, outside a call, that minute.
-        budget = min(self.rotation_wait, lock_wait() - DEADLINE_MARGIN)
+        left = time_left()  # before the call's deadline; None outside a call or without one
+        budget = self.rotation_wait if left is None else min(self.rotation_wait, left - DEADLINE_MARGIN)
         if budget <= 0:
             return stored
         deadline = self._clock() + budget
