@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import hmac
+import os
 import re
-import secrets
 import string
 import struct
 import threading
@@ -126,6 +126,20 @@ def card_brand(pan: str) -> CardBrand:
         if lowest <= leading <= highest:
             return brand
     return CardBrand.OTHER
+
+
+_BRAND_OF_VALUE = {brand.value: brand for brand in CardBrand}
+# As _BRAND_RANGES_4, with each brand's stored value (reading an enum's .value costs).
+_BRAND_VALUE_RANGES_4 = tuple((lowest, highest, brand.value) for lowest, highest, brand in _BRAND_RANGES_4)
+
+
+def _brand_value(pan: str) -> str:
+    """card_brand(pan).value."""
+    leading = int(pan[:4])
+    for lowest, highest, value in _BRAND_VALUE_RANGES_4:
+        if lowest <= leading <= highest:
+            return value
+    return CardBrand.OTHER.value
 
 
 def visible_bin_digits(length: int) -> int:
@@ -235,8 +249,11 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_LENGTH = struct.Struct(">I")
+
+
 def _length_prefixed(*parts: bytes) -> bytes:
-    return b"".join(struct.pack(">I", len(part)) + part for part in parts)
+    return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
 
 
 def key_binding_message(domain: str, purpose: str, version: int, wrapped_key: bytes) -> bytes:
@@ -252,37 +269,102 @@ def associated_data(domain: str, token: str, version: int) -> bytes:
     return b"keysvc-token-v1" + _length_prefixed(domain.encode(), token.encode(), str(version).encode())
 
 
+def associated_data_many(domain: str, tokens: list[str], version: int) -> list[bytes]:
+    """associated_data(domain, token, version) of each token, the parts they share made once."""
+    head = b"keysvc-token-v1" + _length_prefixed(domain.encode())
+    tail = _length_prefixed(str(version).encode())
+    pack = _LENGTH.pack
+    return [head + pack(len(encoded)) + encoded + tail for encoded in (token.encode() for token in tokens)]
+
+
 # -- token generation ------------------------------------------------------------------------
 
 
 class TokenGenerator:
     """Random tokens. `random_below(n)` gives a uniform integer in [0, n) (injectable
-    for tests; the default is the operating system's CSPRNG)."""
+    for tests). Without it, randomness comes from the operating system's CSPRNG, read
+    once per batch: each random character is a byte drawn uniformly from a range whose
+    size is a multiple of the alphabet's (others are dropped), taken modulo the
+    alphabet's size."""
 
-    def __init__(self, random_below: Callable[[int], int] = secrets.randbelow) -> None:
+    def __init__(self, random_below: Callable[[int], int] | None = None) -> None:
         self._random_below = random_below
 
     def format_preserving(self, pan: str, keep_bin: bool) -> str:
         """Same length, digits only, last 4 kept, BIN6 kept when asked; never
         Luhn-valid, hence never equal to the (Luhn-valid) PAN."""
-        kept = 6 if keep_bin else 0
-        random_count = len(pan) - kept - 4
-        head, tail = pan[:kept], pan[-4:]
-        while True:
-            middle = str(self._random_below(10 ** random_count)).zfill(random_count)
-            token = head + middle + tail
-            if not luhn_valid(token):
-                return token
+        return self.tokens([pan], TokenizeOptions(keep_bin=keep_bin))[0]
 
     def opaque(self) -> str:
-        return OPAQUE_PREFIX + "".join(
-            _BASE62[self._random_below(62)] for _ in range(OPAQUE_RANDOM_CHARACTERS)
-        )
+        return self.tokens([""], TokenizeOptions(token_format=TokenFormat.OPAQUE))[0]
 
     def token(self, pan: str, options: TokenizeOptions) -> str:
+        return self.tokens([pan], options)[0]
+
+    def tokens(self, pans: list[str], options: TokenizeOptions) -> list[str]:
+        """One new random token per PAN (OPAQUE tokens ignore their PAN)."""
         if options.token_format is TokenFormat.OPAQUE:
-            return self.opaque()
-        return self.format_preserving(pan, options.keep_bin)
+            if self._random_below is not None:
+                return [OPAQUE_PREFIX + "".join(_BASE62[self._random_below(62)]
+                                                for _ in range(OPAQUE_RANDOM_CHARACTERS)) for _ in pans]
+            characters = _random_characters(len(pans) * OPAQUE_RANDOM_CHARACTERS, _BASE62_OF_BYTE, _NOT_BASE62)
+            return [OPAQUE_PREFIX + characters[start:start + OPAQUE_RANDOM_CHARACTERS]
+                    for start in range(0, len(characters), OPAQUE_RANDOM_CHARACTERS)]
+        kept = 6 if options.keep_bin else 0
+        if self._random_below is not None:
+            random_below = self._random_below
+
+            def draw(count: int) -> str:
+                return str(random_below(10 ** count)).zfill(count)
+        else:
+            # About one draw in ten is Luhn-valid and drawn again: an eighth more digits.
+            pool = _DigitPool(sum(len(pan) - kept - 4 for pan in pans) * 9 // 8 + 16)
+            draw = pool.take
+        made = []
+        for pan in pans:
+            head, tail, random_count = pan[:kept], pan[-4:], len(pan) - kept - 4
+            while True:
+                token = head + draw(random_count) + tail
+                if not luhn_valid(token):
+                    made.append(token)
+                    break
+        return made
+
+
+# Random bytes to characters: a byte maps to its value modulo the alphabet's size;
+# bytes at or above the largest multiple of that size are dropped (no modulo bias).
+_DIGIT_OF_BYTE = bytes(ord("0") + value % 10 for value in range(256))
+_NOT_DIGIT = bytes(range(250, 256))
+_BASE62_OF_BYTE = bytes(ord(_BASE62[value % 62]) for value in range(256))
+_NOT_BASE62 = bytes(range(248, 256))
+
+
+def _random_characters(count: int, table: bytes, dropped: bytes) -> str:
+    """`count` characters, each uniform over the alphabet `table` maps bytes to."""
+    parts, have = [], 0
+    while have < count:
+        wanted = count - have
+        part = os.urandom(wanted + wanted // 16 + 8).translate(table, dropped)
+        parts.append(part)
+        have += len(part)
+    return b"".join(parts)[:count].decode("ascii")
+
+
+class _DigitPool:
+    """Uniform random decimal digits, read from the CSPRNG in bulk."""
+
+    def __init__(self, expected: int) -> None:
+        self._expected = expected
+        self._digits = _random_characters(expected, _DIGIT_OF_BYTE, _NOT_DIGIT)
+        self._position = 0
+
+    def take(self, count: int) -> str:
+        start, end = self._position, self._position + count
+        if end > len(self._digits):
+            self._digits = _random_characters(max(count, self._expected), _DIGIT_OF_BYTE, _NOT_DIGIT)
+            start, end = 0, count
+        self._position = end
+        return self._digits[start:end]
 
 
 # -- domain keys ready for use --------------------------------------------------------------
@@ -507,56 +589,65 @@ class Tokenizer:
         self._check_batch(len(request.pans), "pans")
         outcomes: list[Tokenized | KeysvcError | None] = [None] * len(request.pans)
         valid: list[int] = []
+        shortest = 16 if options.keep_bin else 12  # keep_bin: at least 6 random digits remain
         for index, pan in enumerate(request.pans):
+            if shortest <= len(pan) <= 19 and pan.isascii() and pan.isdigit() and luhn_valid(pan):
+                valid.append(index)
+                continue
             try:
                 check_pan(pan, f"pans[{index}]")
-                if options.keep_bin and visible_bin_digits(len(pan)) < 6:
-                    raise InvalidArgument(
-                        f"pans[{index}]", "is too short to keep its BIN: fewer than 6 random digits would remain",
-                        reason="PAN_TOO_SHORT_TO_KEEP_BIN",
-                    )
-                valid.append(index)
+                raise InvalidArgument(
+                    f"pans[{index}]", "is too short to keep its BIN: fewer than 6 random digits would remain",
+                    reason="PAN_TOO_SHORT_TO_KEEP_BIN",
+                )
             except InvalidArgument as error:
                 outcomes[index] = error
         if not valid:
             return outcomes
         _check_deadline(deadline)
-        pans = [request.pans[index] for index in valid]
+        pans = request.pans
         fingerprints = self._with_keys(domain, lambda keys: self._hsm.hmac_many(
-            keys.fingerprint, hsm.Digest.SHA256, [_FINGERPRINT_PREFIX + pan.encode() for pan in pans]), create=True)
+            keys.fingerprint, hsm.Digest.SHA256, [_FINGERPRINT_PREFIX + pans[index].encode() for index in valid]),
+            create=True)
+        fingerprint_of = dict(zip(valid, fingerprints))
         # Items of one PAN in one batch share a token (unless fresh): the first makes it.
-        pending: dict[bytes, list[int]] = {}
-        for index, fingerprint in zip(valid, fingerprints):
-            key = fingerprint if not options.fresh else index.to_bytes(4, "big") + fingerprint
-            pending.setdefault(key, []).append(index)
+        # first_of maps each item to that first item of its PAN.
+        if options.fresh:
+            first_of = {index: index for index in valid}
+        else:
+            first_by_fingerprint: dict[bytes, int] = {}
+            first_of = {index: first_by_fingerprint.setdefault(fingerprint, index)
+                        for index, fingerprint in fingerprint_of.items()}
         now = self._clock()
         expires_at = now + options.ttl if options.ttl is not None else None
-        fingerprint_of = dict(zip(valid, fingerprints))
         results: dict[int, tuple[TokenRecord, bool]] = {}
         # Expired tokens of these PANs: deleted as their PANs get new tokens.
         expired: set[str] = set()
         if not options.fresh:
             found = self._store.find_deterministic(
-                domain, list(pending), options.token_format.value, options.keep_bin)
+                domain, list(first_by_fingerprint), options.token_format.value, options.keep_bin)
             for fingerprint, record in found.items():
                 if record.expires_at is None or record.expires_at > now:
-                    results[pending[fingerprint][0]] = (record, False)
+                    results[first_by_fingerprint[fingerprint]] = (record, False)
                 else:
                     expired.add(record.token)
-        firsts = [indexes[0] for indexes in pending.values() if indexes[0] not in results]
+            firsts = [first for first in first_by_fingerprint.values() if first not in results]
+        else:
+            firsts = valid
         for _attempt in range(TOKEN_ATTEMPTS):
             if not firsts:
                 break
             _check_deadline(deadline)
             firsts = self._insert_new(
-                domain, request.pans, firsts, fingerprint_of, options, now, expires_at, results, expired)
-        first_of = {index: indexes[0] for indexes in pending.values() for index in indexes}
+                domain, pans, firsts, fingerprint_of, options, now, expires_at, results, expired)
+        brands = _BRAND_OF_VALUE
         for index in valid:
             first = first_of[index]
-            if first in results:
-                record, created = results[first]
+            found_result = results.get(first)
+            if found_result is not None:
+                record, created = found_result
                 outcomes[index] = Tokenized(
-                    token=record.token, masked_pan=record.masked_pan, brand=CardBrand(record.brand),
+                    token=record.token, masked_pan=record.masked_pan, brand=brands[record.brand],
                     created=created and first == index, expires_at=record.expires_at, key_version=record.key_version)
             else:  # every try drew a token another row holds
                 outcomes[index] = FailedPrecondition(
@@ -569,28 +660,36 @@ class Tokenizer:
         """Makes, encrypts and inserts a token for each PAN at `indexes`; fills
         `results` and returns the indexes to try again (their token was taken, or an
         expired token of their PAN, now in `expired`, stood in the way)."""
-        tokens = [self._generator.token(pans[index], options) for index in indexes]
+        tokens = self._generator.tokens([pans[index] for index in indexes], options)
+        again: list[int] = []  # items whose token another item of this batch drew first
+        if len(set(tokens)) != len(tokens):
+            drawn: dict[str, int] = {}
+            for index, token in zip(indexes, tokens):
+                if drawn.setdefault(token, index) != index:
+                    again.append(index)
+            indexes, tokens = list(drawn.values()), list(drawn)
+        plaintexts = [pans[index].encode() for index in indexes]
 
         def encrypt(keys: _DomainKeys):
             version = keys.record.primary_version
-            sealed = self._hsm.encrypt_gcm_many(keys.data[version], [
-                (pans[index].encode(), associated_data(domain, token, version))
-                for index, token in zip(indexes, tokens)])
+            sealed = self._hsm.encrypt_gcm_many(
+                keys.data[version], zip(plaintexts, associated_data_many(domain, tokens, version)))
             return version, sealed
 
         version, sealed = self._with_keys(domain, encrypt)
+        deterministic, token_format, keep_bin = not options.fresh, options.token_format.value, options.keep_bin
         records = [
             TokenRecord(
-                domain=domain, token=token, fingerprint=fingerprint_of[index], deterministic=not options.fresh,
-                token_format=options.token_format.value, keep_bin=options.keep_bin,
-                masked_pan=mask_pan(pans[index]), brand=card_brand(pans[index]).value, key_version=version,
+                domain=domain, token=token, fingerprint=fingerprint_of[index], deterministic=deterministic,
+                token_format=token_format, keep_bin=keep_bin,
+                masked_pan=mask_pan(pans[index]), brand=_brand_value(pans[index]), key_version=version,
                 nonce=nonce, ciphertext=ciphertext, created_at=now, expires_at=expires_at,
             )
             for index, token, (nonce, ciphertext) in zip(indexes, tokens, sealed)
         ]
         inserted = self._store.insert_tokens(records, now, sorted(expired))
         expired.clear()
-        retry, lost = [], []
+        retry, lost = again, []
         for index, record in zip(indexes, records):
             if record.token in inserted:
                 results[index] = (record, True)

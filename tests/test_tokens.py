@@ -254,6 +254,60 @@ def test_token_collisions_are_retried(domain, merchant):
     assert pan_of(tokenizer, merchant, b.token) == pans[1]
 
 
+def test_a_token_drawn_twice_in_one_batch_is_drawn_again(domain, merchant):
+    # Two cards with the same BIN6 and last 4 in one batch, given the same first draw:
+    # the second draws again instead of both items claiming the one row inserted.
+    pans = same_bin_and_last4(2)
+    middle = next(x for x in range(10**6) if not luhn_valid("411111" + f"{x:06d}" + pans[0][-4:]))
+    scripted = [middle, middle]
+    generator = TokenGenerator(lambda bound: scripted.pop(0) if scripted else secrets.randbelow(bound))
+    tokenizer = Tokenizer(domain.hsm, TokenStore(domain.store.engine), detokenize_allowed=True, generator=generator)
+    a, b = tokenize(tokenizer, merchant, *pans, keep_bin=True)
+    assert a.created and b.created and a.token != b.token and not scripted
+    assert a.token[6:12] == f"{middle:06d}"
+    assert [result.pan for result in tokenizer.detokenize(merchant, [a.token, b.token])] == pans
+
+
+def test_batch_token_generation_rules():
+    generator = TokenGenerator()
+    pans = [random_pan(length) for length in (12, 15, 16, 19) for _ in range(500)]
+    for keep_bin in (False, True):
+        eligible = [pan for pan in pans if not keep_bin or len(pan) >= 16]
+        made = generator.tokens(eligible, TokenizeOptions(keep_bin=keep_bin))
+        assert len(made) == len(eligible) and len(set(made)) == len(made)
+        for pan, token in zip(eligible, made):
+            assert len(token) == len(pan) and token.isdigit() and not luhn_valid(token)
+            assert token[-4:] == pan[-4:] and (not keep_bin or token[:6] == pan[:6])
+        # Every random position takes every digit (a failure here has odds below 10^-40).
+        for position in range(6 if keep_bin else 0, 8):
+            assert {token[position] for token in made} == set("0123456789")
+    opaque = generator.tokens([""] * 2000, TokenizeOptions(token_format=TokenFormat.OPAQUE))
+    assert all(re.fullmatch(r"tok_[0-9A-Za-z]{22}", token) for token in opaque) and len(set(opaque)) == 2000
+    assert {character for token in opaque for character in token[4:]} == set(
+        "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def test_insert_tokens_reports_only_its_own_rows(any_db_tokenizer, merchant):
+    """A row whose token or deterministic PAN another row holds is skipped, and only the
+    rows this call wrote count as inserted (SQLite tells them by their nonces)."""
+    from dataclasses import replace
+
+    store = any_db_tokenizer._store
+    held = one(any_db_tokenizer, merchant, random_pan())
+    existing = store.load_tokens(merchant, [held.token])[held.token]
+    other = one(any_db_tokenizer, merchant, random_pan(), token_format=TokenFormat.OPAQUE)
+    same_token = replace(existing, fingerprint=secrets.token_bytes(32), nonce=secrets.token_bytes(12))
+    same_pan = replace(existing, token=other.token[:-1] + "x", nonce=secrets.token_bytes(12))
+    new = replace(existing, token="tok_" + "n" * 22, fingerprint=secrets.token_bytes(32),
+                  nonce=secrets.token_bytes(12))
+    now = existing.created_at
+    assert store.insert_tokens([same_token, same_pan, new], now) == {new.token}
+    assert store.load_tokens(merchant, [held.token])[held.token] == existing
+    assert store.load_tokens(merchant, [same_pan.token]) == {}
+    with pytest.raises(ValueError):
+        store.insert_tokens([new, replace(new, fingerprint=secrets.token_bytes(32))], now)
+
+
 def test_full_token_space_is_an_item_error(domain, merchant):
     pans = same_bin_and_last4(2)
     middle = next(x for x in range(10**6) if not luhn_valid("411111" + f"{x:06d}" + pans[0][-4:]))
