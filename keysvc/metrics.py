@@ -46,31 +46,71 @@ _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # a closed set, whereas identities are not, and never become labels.
 NO_ROLE = "none"
 
-requests_total = Counter(
+
+class _RememberedChildren:
+    """labels() answered from a plain dict once a label set has been seen.
+
+    The library's labels() validates, converts every value to str and takes the
+    metric's lock on each call; the request path asks for several children per call.
+    A child is the library's own (made by its labels() the first time), so samples
+    and exposition are unchanged; remove() and clear() forget the remembered ones."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._remembered: dict[tuple, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    def labels(self, *labelvalues, **labelkwargs):
+        if not labelkwargs:
+            child = self._remembered.get(labelvalues)
+            if child is not None:
+                return child
+        child = super().labels(*labelvalues, **labelkwargs)
+        if not labelkwargs:
+            self._remembered[labelvalues] = child
+        return child
+
+    def remove(self, *labelvalues) -> None:
+        self._remembered.clear()
+        super().remove(*labelvalues)
+
+    def clear(self) -> None:
+        self._remembered.clear()
+        super().clear()
+
+
+class _Counter(_RememberedChildren, Counter):
+    pass
+
+
+class _Histogram(_RememberedChildren, Histogram):
+    pass
+
+
+requests_total = _Counter(
     "keysvc_requests", "gRPC calls handled, by RPC, status code and caller role.", ("rpc", "code", "role"),
     registry=REGISTRY,
 )
-request_seconds = Histogram(
+request_seconds = _Histogram(
     "keysvc_request_duration_seconds", "Time to answer a gRPC call, by RPC and caller role.", ("rpc", "role"),
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
 )
-batch_items = Histogram(
+batch_items = _Histogram(
     "keysvc_batch_items", "Items in a batch call, by RPC.", ("rpc",), buckets=_BATCH_BUCKETS, registry=REGISTRY,
 )
-hsm_call_seconds = Histogram(
+hsm_call_seconds = _Histogram(
     "keysvc_hsm_call_duration_seconds",
     "Time of a call into the HSM layer (waiting for the process's PKCS#11 lock included), by operation.",
     ("operation",), buckets=_HSM_BUCKETS, registry=REGISTRY,
 )
-hsm_errors_total = Counter(
+hsm_errors_total = _Counter(
     "keysvc_hsm_errors", "Calls into the HSM layer that failed, by operation and error class.",
     ("operation", "error"), registry=REGISTRY,
 )
-key_cache_total = Counter(
+key_cache_total = _Counter(
     "keysvc_key_cache_lookups", "Lookups of an unwrapped key handle in the key cache, by result (hit, miss).",
     ("result",), registry=REGISTRY,
 )
-audit_writes_total = Counter(
+audit_writes_total = _Counter(
     "keysvc_audit_writes", "Audit records appended (written), or that could not be (failed: the operation "
     "they were for did not run), by outcome.", ("outcome",), registry=REGISTRY,
 )
@@ -172,7 +212,7 @@ tokens_stored = StoredTokens()
 REGISTRY.register(tokens_stored)
 
 # Methods of hsm.Hsm that are not calls into the HSM (properties are never wrapped).
-_NOT_HSM_CALLS = frozenset({"exclusive", "connect"})
+_NOT_HSM_CALLS = frozenset({"exclusive", "connect", "run_queued"})  # wrappers around HSM calls
 
 
 class MeasuredHsm:

@@ -229,24 +229,32 @@ class Sealer:
     def _prepare_seal(self, request: SealRequest, resolved: dict | None = None) -> tuple[Key, KeyVersion, SealedText]:
         """The key, version and sealed bytes of one request. `resolved` memoises key and
         version lookups across the items of a batch, which mostly share a key."""
-        resolved = {} if resolved is None else resolved
         self._check_size(request)
-        key = _memoised(resolved, (request.key_id, request.scheme),
-                        lambda: self._sealing_key(request.key_id, request.scheme))
+        if resolved is None:
+            key = self._sealing_key(request.key_id, request.scheme)
+        else:
+            key = _memoised(resolved, (request.key_id, request.scheme),
+                            lambda: self._sealing_key(request.key_id, request.scheme))
         sealed = self._sealed_text(request, key)
         if len(sealed.data) > self.max_message_bytes:
             raise self._oversized_message()
         version = self._version_asked(request, sealed)
+        if resolved is None:
+            key, found = self._ring.with_fresh_key(key, lambda k: self._sealing_version(k, version))
+            return key, found, sealed
         return (*_memoised(resolved, (request.key_id, version),
                            lambda: self._ring.with_fresh_key(key, lambda k: self._sealing_version(k, version))), sealed)
 
     # -- sealing ----------------------------------------------------------------------
 
     def compute_seal(self, request: SealRequest, deadline: float | None = None) -> Seal:
-        outcome = self.compute_seals([request], deadline)[0]
-        if isinstance(outcome, KeysvcError):
-            raise outcome
-        return outcome
+        """The seal of one request: compute_seals' answer for it, raised when an error
+        (without the batch's bookkeeping: this is the unary Seal's path)."""
+        key, version, sealed = self._prepare_seal(request)
+        _check_deadline(deadline)
+        tag = self._ring.tags(key, version, [sealed.data])[0]
+        return Seal(encode_tag(tag, request.encoding), key.key_id, version.version, sealed.built_data,
+                    key.algorithm.platform_name)
 
     def compute_seals(self, requests: list[SealRequest], deadline: float | None = None) -> list[Seal | KeysvcError]:
         """One Seal or one KeysvcError per request, in order."""

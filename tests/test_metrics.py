@@ -344,3 +344,30 @@ def test_each_workers_follower_reports_changes_applied_rotations_promoted_its_la
                    for index, (_, samples) in enumerate(scraped)) == 1
     finally:
         stop_keysvc_server(server)
+
+
+def test_remembered_label_children_are_the_librarys_and_removal_forgets_them():
+    """keysvc's metrics answer labels() from a dict after the first time; the child is
+    the one the library made, so what it counts is scraped, and remove/clear are honoured."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from keysvc.metrics import _Counter, _Histogram
+
+    registry = CollectorRegistry()
+    calls = _Counter("test_calls", "Calls.", ("rpc",), registry=registry)
+    seconds = _Histogram("test_seconds", "Seconds.", ("rpc",), buckets=(0.1, 1.0), registry=registry)
+    first = calls.labels("Seal")
+    assert calls.labels("Seal") is first and calls.labels(rpc="Seal") is first
+    first.inc()
+    calls.labels("Seal").inc()
+    seconds.labels("Seal").observe(0.05)
+    assert registry.get_sample_value("test_calls_total", {"rpc": "Seal"}) == 2
+    assert registry.get_sample_value("test_seconds_bucket", {"rpc": "Seal", "le": "0.1"}) == 1
+    calls.remove("Seal")
+    assert registry.get_sample_value("test_calls_total", {"rpc": "Seal"}) is None
+    calls.labels("Seal").inc()  # a new child, not the removed one
+    assert registry.get_sample_value("test_calls_total", {"rpc": "Seal"}) == 1
+    calls.clear()
+    assert b"test_calls_total{" not in generate_latest(registry)
+    calls.labels("Seal").inc()
+    assert registry.get_sample_value("test_calls_total", {"rpc": "Seal"}) == 1

@@ -832,3 +832,25 @@ def test_import_key_with_an_empty_wrapped_secret_or_unknown_import_key_id_names_
     error = failed_call(server.keys.ImportKey, keys_pb2.ImportKeyRequest(
         merchant_id=merchant, name="sips", algorithm=SHA256, wrapped_secret=wrapped, import_key_id="other"))
     assert_invalid_argument_naming(error, "import_key_id")
+
+
+def test_each_call_gets_its_own_request_id_and_metrics_although_handlers_are_built_once(server, merchant):
+    """The interceptors build their handlers once per method: nothing of one call (its
+    request id, its caller, its status) is carried into the next."""
+    from keysvc import metrics
+
+    key = create_key(server, merchant)
+    labels = {"rpc": "keysvc.v1.SealService/Seal", "code": "OK", "role": metrics.NO_ROLE}
+    before = metrics.REGISTRY.get_sample_value("keysvc_requests_total", labels) or 0
+    ids = []
+    for _ in range(3):
+        response, call = server.seals.Seal.with_call(seals_pb2.SealRequest(key_id=key.key_id, message=b"m"))
+        assert response.key_id == key.key_id
+        ids.append(dict(call.trailing_metadata())["x-request-id"])
+    with pytest.raises(grpc.RpcError) as raised:
+        server.seals.Seal(seals_pb2.SealRequest(key_id=f"{merchant}/missing", message=b"m"))
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    ids.append(dict(raised.value.trailing_metadata())["x-request-id"])
+    assert len(set(ids)) == 4
+    assert all(len(request_id) == 22 and request_id.isalpha() and request_id.islower() for request_id in ids)
+    assert metrics.REGISTRY.get_sample_value("keysvc_requests_total", labels) == before + 3

@@ -290,6 +290,29 @@ def test_seal_for_an_unknown_or_malformed_key_raises(domain, merchant):
     assert raised.value.field == "key_id"
 
 
+def test_compute_seal_answers_as_compute_seals_does_for_one_item(domain, secret_key, merchant):
+    """The unary path skips the batch's bookkeeping, not its checks: same seal, same errors."""
+    key_id, _secret = secret_key
+    requests = [
+        SealRequest(key_id, b"amount=100"),
+        SealRequest(key_id, b"amount=100", encoding=SealEncoding.BASE64),
+        SealRequest(key_id, b"m", version=9),
+        SealRequest(f"{merchant}/unknown", b"m"),
+        SealRequest("malformed", b"m"),
+        SealRequest(key_id, b"x" * (domain.sealer.max_message_bytes + 1)),
+    ]
+    for request in requests:
+        batch_answer = domain.sealer.compute_seals([request])[0]
+        if isinstance(batch_answer, KeysvcError):
+            with pytest.raises(type(batch_answer)) as raised:
+                domain.sealer.compute_seal(request)
+            assert (raised.value.reason, raised.value.message) == (batch_answer.reason, batch_answer.message)
+        else:
+            assert domain.sealer.compute_seal(request) == batch_answer
+    with pytest.raises(DeadlineExceeded):
+        domain.sealer.compute_seal(SealRequest(key_id, b"m"), deadline=time.monotonic() - 1)
+
+
 # -- versions -----------------------------------------------------------------------------------
 
 

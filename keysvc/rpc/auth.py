@@ -37,6 +37,7 @@ log = logging.getLogger("keysvc.auth")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 INSECURE_IDENTITY = "insecure-loopback"
 NO_DEADLINE_SECONDS = 24 * 3600
+_MAX_REMEMBERED_IDENTITIES = 1024
 
 
 def scope_of(request) -> Scope:
@@ -97,27 +98,56 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._limiter = limiter if policy is not None else None
         # Dual control needs identities: only with a policy.
         self._approvals = approvals if policy is not None else None
+        # method -> (the inner handler, the guarded handler wrapping it)
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # client certificate (PEM) -> identity (keysvc.pki.identity_of: a pure function of it)
+        self._identities: dict[bytes, str] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or method.startswith(OPEN_PREFIXES):
             return handler
-        inner = handler.unary_unary
+        # gRPC asks on every call: the guarded handler is built once per method (and
+        # again only if the inner one changes).
+        built = self._guarded.get(method)
+        if built is None or built[0] is not handler:
+            built = (handler, grpc.unary_unary_rpc_method_handler(
+                self._guarding(method, handler.unary_unary), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            ))
+            self._guarded[method] = built
+        return built[1]
+
+    def _guarding(self, method: str, inner):
+        if self._policy is None and method not in AUDITED_METHODS:
+            # The development mode's hot path (Seal, Verify...): nothing to decide or record.
+            def open_call(request, context):
+                current_identity.set(INSECURE_IDENTITY)
+                return inner(request, context)
+
+            return open_call
 
         def guarded(request, context):
             return self._call(method, inner, request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return guarded
 
     def _identity(self, context) -> str | None:
         if self._policy is None:
             return INSECURE_IDENTITY
         certificates = context.auth_context().get("x509_pem_cert")
-        return identity_of(certificates[0]) if certificates else None
+        if not certificates:
+            return None
+        certificate = certificates[0]
+        identity = self._identities.get(certificate)
+        if identity is None:
+            # identity_of parses the certificate (x509): once per certificate, not per call.
+            identity = identity_of(certificate)
+            if len(self._identities) >= _MAX_REMEMBERED_IDENTITIES:
+                self._identities.clear()  # rare: many distinct client certificates
+            self._identities[certificate] = identity
+        return identity
 
     def _record(self, identity: str, method: str, target: str, outcome: str, request_id: str) -> None:
         if self._audit is not None:
@@ -163,10 +193,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 self._refuse(context, error, identity, method, target, request_id)
 
     def _call(self, method: str, inner, request, context):
-        if self._policy is None and method not in AUDITED_METHODS:
-            # The development mode's hot path (Seal, Verify...): nothing to decide or record.
-            current_identity.set(INSECURE_IDENTITY)
-            return inner(request, context)
         request_id = current_request_id.get() or ""  # the one the access log and metrics use
         scope = scope_of(request)
         target = _target(scope, request)

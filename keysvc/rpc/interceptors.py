@@ -36,21 +36,27 @@ _ID_LENGTH = 22  # about 103 bits
 _BATCH_FIELDS = ("requests", "items")
 
 
+# byte -> a lowercase letter (97 + byte % 26), for bytes.translate.
+_ID_LETTERS = bytes(97 + byte % 26 for byte in range(256))
+_NOT_YET = object()
+
+
 def _request_id(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _CALLER_REQUEST_ID.fullmatch(value):
             return value
-    return bytes(97 + byte % 26 for byte in os.urandom(_ID_LENGTH)).decode()
+    return os.urandom(_ID_LENGTH).translate(_ID_LETTERS).decode("ascii")
 
 
-def _batch_size(request) -> int | None:
+def _batch_field(request) -> str | None:
+    """The name of the request's repeated field holding a batch's items, if any."""
     descriptor = getattr(request, "DESCRIPTOR", None)
     if descriptor is None:
         return None
     for name in _BATCH_FIELDS:
         field = descriptor.fields_by_name.get(name)
         if field is not None and field.is_repeated:
-            return len(getattr(request, name))
+            return name
     return None
 
 
@@ -69,16 +75,33 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         self._on_unavailable = on_unavailable
         self._log_ok = access_log == "all"
         self._log_failed = access_log != "off"
+        # method -> (the inner handler, the observed handler wrapping it)
+        self._observed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        rpc = handler_call_details.method.lstrip("/")
-        inner = handler.unary_unary
+        # gRPC asks on every call: the observed handler is built once per method (and
+        # again only if the inner one changes), not a closure and a handler per call.
+        method = handler_call_details.method
+        built = self._observed.get(method)
+        if built is None or built[0] is not handler:
+            built = (handler, grpc.unary_unary_rpc_method_handler(
+                self._observing(method.lstrip("/"), handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            ))
+            self._observed[method] = built
+        return built[1]
+
+    def _observing(self, rpc: str, inner):
+        batch_field = [_NOT_YET]  # the request type's batch field, found at its first call
+        record = self._record
+        perf_counter = time.perf_counter
 
         def observed(request, context):
-            start = time.perf_counter()
+            start = perf_counter()
             request_id = _request_id(context)
             bound = current_request_id.set(request_id)  # for every log line and inner interceptor
             # The auth interceptor sets who calls; a pool thread must not lend the last
@@ -100,27 +123,26 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                     # In the trailers, which leave with the status anyway (initial metadata
                     # of its own cost ~35 µs of CPU a call); after an abort too, since the
                     # status goes out after this returns.
-                    trailers = tuple(context.trailing_metadata() or ())
-                    context.set_trailing_metadata(trailers + ((REQUEST_ID_HEADER, request_id),))
-                    self._record(rpc, request, code, time.perf_counter() - start, request_id, context)
+                    trailers = context.trailing_metadata()
+                    own = ((REQUEST_ID_HEADER, request_id),)
+                    context.set_trailing_metadata(tuple(trailers) + own if trailers else own)
+                    if batch_field[0] is _NOT_YET:
+                        batch_field[0] = _batch_field(request)
+                    size = None if batch_field[0] is None else len(getattr(request, batch_field[0]))
+                    record(rpc, code, perf_counter() - start, size, request_id, context)
                 finally:
                     current_request_id.reset(bound)
                     current_identity.reset(identity_bound)
                     current_role.reset(role_bound)
                     reset_call_deadline(deadline_bound)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return observed
 
-    def _record(self, rpc, request, code, seconds, request_id, context) -> None:
+    def _record(self, rpc, code, seconds, size, request_id, context) -> None:
         status = code.name
         role = current_role.get() or metrics.NO_ROLE
         metrics.requests_total.labels(rpc, status, role).inc()
         metrics.request_seconds.labels(rpc, role).observe(seconds)
-        size = _batch_size(request)
         if size is not None:
             metrics.batch_items.labels(rpc).observe(size)
         if code is grpc.StatusCode.UNAVAILABLE and self._on_unavailable is not None:

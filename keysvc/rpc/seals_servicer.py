@@ -10,11 +10,13 @@ from keysvc.v1 import seals_pb2, seals_pb2_grpc
 
 
 def _scheme(message) -> SealScheme:
-    return from_enum(SCHEMES, message.scheme, "scheme", default=SealScheme.HMAC)
+    number = message.scheme  # 0 (unset) on most calls: no table lookup
+    return SealScheme.HMAC if not number else from_enum(SCHEMES, number, "scheme")
 
 
 def _encoding(message) -> SealEncoding:
-    return from_enum(ENCODINGS, message.encoding, "encoding", default=SealEncoding.HEX)
+    number = message.encoding
+    return SealEncoding.HEX if not number else from_enum(ENCODINGS, number, "encoding")
 
 
 def _fields(message) -> tuple[tuple[str, str], ...]:
@@ -84,7 +86,8 @@ class SealServicer(seals_pb2_grpc.SealServiceServicer):
     @translated
     def Seal(self, request, context):
         seal = self._sealer.compute_seal(_seal_request(request), deadline_of(context))
-        return _fill_seal(seals_pb2.SealResponse(), seal)
+        return seals_pb2.SealResponse(seal=seal.seal, key_id=seal.key_id, version=seal.version, data=seal.data,
+                                      algorithm=seal.algorithm)
 
     @translated
     def Verify(self, request, context):
