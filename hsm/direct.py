@@ -71,6 +71,68 @@ class DirectSigner:
         return tags
 
 
+class _PssParams(ctypes.Structure):
+    # CK_RSA_PKCS_PSS_PARAMS: hash mechanism, MGF, salt length in bytes.
+    _fields_ = [("hash_mechanism", ctypes.c_ulong), ("mgf", ctypes.c_ulong), ("salt_length", ctypes.c_ulong)]
+
+
+# Room for the largest signature: an 8192-bit modulus.
+_MAX_RSA_SIGNATURE = 1024
+
+
+class DirectRsaSigner:
+    """RSA signatures: C_SignInit with the GIL held, C_Sign with it released.
+
+    python-pkcs11 releases the GIL around both calls, so each signature waits twice to
+    get the interpreter back from the gRPC threads that took it meanwhile. C_SignInit
+    takes microseconds and keeps the GIL here; C_Sign does the private-key operation
+    (0.4 to 3 ms) and lets the other threads run. The signature's length is the
+    modulus's, so one C_Sign call with a buffer large enough replaces python-pkcs11's
+    two (length, then signature).
+
+    Not thread-safe by itself: the caller holds the process's PKCS#11 lock.
+    """
+
+    def __init__(self, module_path: str) -> None:
+        held, released = ctypes.PyDLL(module_path), ctypes.CDLL(module_path)
+        self._sign_init = held.C_SignInit
+        self._sign_init.argtypes = [ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong]
+        self._sign_init.restype = ctypes.c_ulong
+        self._sign = released.C_Sign
+        self._sign.argtypes = [
+            ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.POINTER(ctypes.c_ulong),
+        ]
+        self._sign.restype = ctypes.c_ulong
+        self._output = ctypes.create_string_buffer(_MAX_RSA_SIGNATURE)
+        self._length = ctypes.c_ulong()
+        self._length_pointer = ctypes.byref(self._length)
+
+    def sign_many(self, session_handle: int, key_handle: int, mechanism: int,
+                  pss: tuple[int, int, int] | None, values) -> list[bytes]:
+        """The signature of each value (a DigestInfo for CKM_RSA_PKCS, a hash for
+        CKM_RSA_PKCS_PSS with `pss` = (hash mechanism, MGF, salt length)).
+        Raises DirectSignError with the module's return code."""
+        if pss is None:
+            prepared = _Mechanism(mechanism, None, 0)
+        else:
+            parameters = _PssParams(*pss)
+            prepared = _Mechanism(mechanism, ctypes.cast(ctypes.pointer(parameters), ctypes.c_void_p),
+                                  ctypes.sizeof(parameters))
+        mechanism_pointer = ctypes.byref(prepared)
+        output, length = self._output, self._length
+        signatures = []
+        for value in values:
+            result = self._sign_init(session_handle, mechanism_pointer, key_handle)
+            if result != CKR_OK:
+                raise DirectSignError(result)
+            length.value = _MAX_RSA_SIGNATURE
+            result = self._sign(session_handle, value, len(value), output, self._length_pointer)
+            if result != CKR_OK:
+                raise DirectSignError(result)
+            signatures.append(output.raw[: length.value])
+        return signatures
+
+
 class _GcmParams(ctypes.Structure):
     # CK_GCM_PARAMS as SoftHSM 2.6 and python-pkcs11 declare it (PKCS#11 v2.40, with ulIvBits).
     _fields_ = [

@@ -29,7 +29,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
@@ -39,7 +39,7 @@ from pkcs11.mechanisms import GCMParams
 from pkcs11.util.rsa import decode_rsa_public_key, encode_rsa_public_key
 
 from hsm.deadline import acquired
-from hsm.direct import CKR_KEY_SIZE_RANGE, DirectCipher, DirectSigner, DirectSignError
+from hsm.direct import CKR_KEY_SIZE_RANGE, DirectCipher, DirectRsaSigner, DirectSigner, DirectSignError
 from hsm.errors import (
     HsmConfigurationError,
     HsmError,
@@ -50,6 +50,7 @@ from hsm.errors import (
     HsmUnavailable,
     HsmUnwrapFailed,
 )
+from hsm.serial import SerialRunner
 
 DEFAULT_MODULE_PATH = "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -104,8 +105,12 @@ GCM_TAG_BITS = 128
 # CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE.
 _GCM_TAG_FAILURES = (0x05, 0x40, 0x41)
 
+T = TypeVar("T")
+
 # One lock for every PKCS#11 call in the process, whatever object makes it.
 _PROCESS_LOCK = threading.RLock()
+# RSA signatures run back to back on one thread (hsm/serial.py says why).
+_LONG_CALLS = SerialRunner(_PROCESS_LOCK, "keysvc-hsm-sign")
 
 # Attributes python-pkcs11 adds to unwrap templates that a key of our kind must not
 # carry (and that SoftHSM refuses on some key classes): DEFAULT drops them.
@@ -273,6 +278,7 @@ class Hsm:
         self._token_held_shared_keys = False
         self._direct: DirectSigner | None = None
         self._direct_cipher: DirectCipher | None = None
+        self._direct_rsa: DirectRsaSigner | None = None
         # Set by a failure that needs the module and session re-opened before the next call.
         self._recovering = False
         self._next_recovery = 0.0
@@ -333,6 +339,9 @@ class Hsm:
                 self._binding_key = self._import_private_key = None  # recovery tries again
         self._direct = self._checked_direct_signer()
         self._direct_cipher = self._checked_direct_cipher()
+        # The same C_SignInit and C_Sign the HMAC self-test just checked; the signatures
+        # themselves are checked by the known-answer tests (tests/test_signing.py).
+        self._direct_rsa = DirectRsaSigner(self._config.module_path) if self._direct is not None else None
 
     @property
     def signs_directly(self) -> bool:
@@ -1104,14 +1113,29 @@ class Hsm:
         name = digest.name
         if name not in _DIGEST_INFO_PREFIXES:
             raise HsmKeyRejected(f"RSA signatures here use SHA-256, SHA-384 or SHA-512, not {name}")
+        if padding is RsaPadding.PKCS1_V15:
+            prefix = _DIGEST_INFO_PREFIXES[name]
+            mechanism, parameters, values = Mechanism.RSA_PKCS, None, [prefix + value for value in digests]
+        else:
+            mechanism, values = Mechanism.RSA_PKCS_PSS, list(digests)
+            parameters = (digest.hash_mechanism, _MGF1[name], digest.digest_size)
         with self._locked():
             key = self._check_current(handle)
-            if padding is RsaPadding.PKCS1_V15:
-                prefix = _DIGEST_INFO_PREFIXES[name]
-                return [key.sign(prefix + value, mechanism=Mechanism.RSA_PKCS) for value in digests]
-            parameters = (digest.hash_mechanism, _MGF1[name], digest.digest_size)
-            return [key.sign(value, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=parameters)
-                    for value in digests]
+            if self._direct_rsa is None:
+                return [key.sign(value, mechanism=mechanism, mechanism_param=parameters) for value in values]
+            try:
+                return self._direct_rsa.sign_many(
+                    self._session.handle, key.handle, int(mechanism),
+                    None if parameters is None else tuple(int(part) for part in parameters), values)
+            except DirectSignError as error:
+                raise self._direct_error(error) from None
+
+    @staticmethod
+    def run_queued(work: Callable[[], T]) -> T:
+        """work() on the process's thread for long PKCS#11 calls (RSA signatures), which
+        runs queued calls back to back (hsm/serial.py); its result or exception here.
+        Raises HsmBusy when the call's deadline passes before its turn."""
+        return _LONG_CALLS.run(work)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
