@@ -30,6 +30,20 @@ class _Mechanism(ctypes.Structure):
     _fields_ = [("mechanism", ctypes.c_ulong), ("parameter", ctypes.c_void_p), ("parameter_length", ctypes.c_ulong)]
 
 
+# C_SignInit, C_EncryptInit, C_DecryptInit: (session, mechanism, key).
+_INIT_ARGUMENTS = [ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong]
+# C_Sign, C_Encrypt, C_Decrypt: (session, input, input length, output, output length).
+_RUN_ARGUMENTS = [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.POINTER(ctypes.c_ulong)]
+
+
+def _function(library: ctypes.CDLL, name: str, arguments: list) -> ctypes._CFuncPtr:
+    """The module's function `name`, typed; a PyDLL's keeps the GIL, a CDLL's releases it."""
+    function = getattr(library, name)
+    function.argtypes = arguments
+    function.restype = ctypes.c_ulong
+    return function
+
+
 class DirectSigner:
     """C_SignInit + C_Sign of the module at `module_path`, without releasing the GIL.
 
@@ -39,14 +53,8 @@ class DirectSigner:
     def __init__(self, module_path: str) -> None:
         # The same path dlopens the same library instance python-pkcs11 initialised.
         module = ctypes.PyDLL(module_path)
-        self._sign_init = module.C_SignInit
-        self._sign_init.argtypes = [ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong]
-        self._sign_init.restype = ctypes.c_ulong
-        self._sign = module.C_Sign
-        self._sign.argtypes = [
-            ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.POINTER(ctypes.c_ulong),
-        ]
-        self._sign.restype = ctypes.c_ulong
+        self._sign_init = _function(module, "C_SignInit", _INIT_ARGUMENTS)
+        self._sign = _function(module, "C_Sign", _RUN_ARGUMENTS)
         self._mechanisms: dict[int, _Mechanism] = {}
 
     def sign_many(self, session_handle: int, key_handle: int, mechanism: int, messages) -> list[bytes]:
@@ -94,15 +102,8 @@ class DirectRsaSigner:
     """
 
     def __init__(self, module_path: str) -> None:
-        held, released = ctypes.PyDLL(module_path), ctypes.CDLL(module_path)
-        self._sign_init = held.C_SignInit
-        self._sign_init.argtypes = [ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong]
-        self._sign_init.restype = ctypes.c_ulong
-        self._sign = released.C_Sign
-        self._sign.argtypes = [
-            ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.POINTER(ctypes.c_ulong),
-        ]
-        self._sign.restype = ctypes.c_ulong
+        self._sign_init = _function(ctypes.PyDLL(module_path), "C_SignInit", _INIT_ARGUMENTS)
+        self._sign = _function(ctypes.CDLL(module_path), "C_Sign", _RUN_ARGUMENTS)
         self._output = ctypes.create_string_buffer(_MAX_RSA_SIGNATURE)
         self._length = ctypes.c_ulong()
         self._length_pointer = ctypes.byref(self._length)
@@ -153,15 +154,10 @@ class DirectCipher:
 
     def __init__(self, module_path: str) -> None:
         module = ctypes.PyDLL(module_path)
-        init_arguments = [ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong]
-        run_arguments = [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
-                         ctypes.POINTER(ctypes.c_ulong)]
-        self._encrypt_init, self._encrypt = module.C_EncryptInit, module.C_Encrypt
-        self._decrypt_init, self._decrypt = module.C_DecryptInit, module.C_Decrypt
-        for function, arguments in ((self._encrypt_init, init_arguments), (self._encrypt, run_arguments),
-                                    (self._decrypt_init, init_arguments), (self._decrypt, run_arguments)):
-            function.argtypes = arguments
-            function.restype = ctypes.c_ulong
+        self._encrypt_init = _function(module, "C_EncryptInit", _INIT_ARGUMENTS)
+        self._encrypt = _function(module, "C_Encrypt", _RUN_ARGUMENTS)
+        self._decrypt_init = _function(module, "C_DecryptInit", _INIT_ARGUMENTS)
+        self._decrypt = _function(module, "C_Decrypt", _RUN_ARGUMENTS)
         # Made once and refilled per call: building ctypes objects costs more than the HSM's work.
         self._params = _GcmParams()
         self._mechanism = _Mechanism(CKM_AES_GCM, ctypes.cast(ctypes.pointer(self._params), ctypes.c_void_p),
