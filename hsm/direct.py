@@ -44,6 +44,24 @@ def _function(library: ctypes.CDLL, name: str, arguments: list) -> ctypes._CFunc
     return function
 
 
+def _sign_each(sign_init, sign, session_handle: int, mechanism_pointer, key_handle: int, values,
+               output, length: ctypes.c_ulong) -> list[bytes]:
+    """C_SignInit then C_Sign of each value, each signature written to `output` (the
+    whole buffer offered every time). Raises DirectSignError with the module's code."""
+    size, length_pointer = len(output), ctypes.byref(length)
+    signatures = []
+    for value in values:
+        result = sign_init(session_handle, mechanism_pointer, key_handle)
+        if result != CKR_OK:
+            raise DirectSignError(result)
+        length.value = size
+        result = sign(session_handle, value, len(value), output, length_pointer)
+        if result != CKR_OK:
+            raise DirectSignError(result)
+        signatures.append(output.raw[: length.value])
+    return signatures
+
+
 class DirectSigner:
     """C_SignInit + C_Sign of the module at `module_path`, without releasing the GIL.
 
@@ -62,21 +80,8 @@ class DirectSigner:
         prepared = self._mechanisms.get(mechanism)
         if prepared is None:
             prepared = self._mechanisms[mechanism] = _Mechanism(mechanism, None, 0)
-        mechanism_pointer = ctypes.byref(prepared)
-        tag = ctypes.create_string_buffer(_MAX_TAG)
-        tag_length = ctypes.c_ulong()
-        tag_length_pointer = ctypes.byref(tag_length)
-        tags = []
-        for message in messages:
-            result = self._sign_init(session_handle, mechanism_pointer, key_handle)
-            if result != CKR_OK:
-                raise DirectSignError(result)
-            tag_length.value = _MAX_TAG
-            result = self._sign(session_handle, message, len(message), tag, tag_length_pointer)
-            if result != CKR_OK:
-                raise DirectSignError(result)
-            tags.append(tag.raw[: tag_length.value])
-        return tags
+        return _sign_each(self._sign_init, self._sign, session_handle, ctypes.byref(prepared), key_handle,
+                          messages, ctypes.create_string_buffer(_MAX_TAG), ctypes.c_ulong())
 
 
 class _PssParams(ctypes.Structure):
@@ -106,7 +111,6 @@ class DirectRsaSigner:
         self._sign = _function(ctypes.CDLL(module_path), "C_Sign", _RUN_ARGUMENTS)
         self._output = ctypes.create_string_buffer(_MAX_RSA_SIGNATURE)
         self._length = ctypes.c_ulong()
-        self._length_pointer = ctypes.byref(self._length)
 
     def sign_many(self, session_handle: int, key_handle: int, mechanism: int,
                   pss: tuple[int, int, int] | None, values) -> list[bytes]:
@@ -119,19 +123,8 @@ class DirectRsaSigner:
             parameters = _PssParams(*pss)
             prepared = _Mechanism(mechanism, ctypes.cast(ctypes.pointer(parameters), ctypes.c_void_p),
                                   ctypes.sizeof(parameters))
-        mechanism_pointer = ctypes.byref(prepared)
-        output, length = self._output, self._length
-        signatures = []
-        for value in values:
-            result = self._sign_init(session_handle, mechanism_pointer, key_handle)
-            if result != CKR_OK:
-                raise DirectSignError(result)
-            length.value = _MAX_RSA_SIGNATURE
-            result = self._sign(session_handle, value, len(value), output, self._length_pointer)
-            if result != CKR_OK:
-                raise DirectSignError(result)
-            signatures.append(output.raw[: length.value])
-        return signatures
+        return _sign_each(self._sign_init, self._sign, session_handle, ctypes.byref(prepared), key_handle,
+                          values, self._output, self._length)
 
 
 class _GcmParams(ctypes.Structure):
