@@ -238,14 +238,21 @@ def test_request_reprs_hide_pans(tokenizer, merchant):
     assert pan not in repr(detokenized) and pan not in repr(result)
 
 
-def test_token_collisions_are_retried(domain, merchant):
-    # Two cards with the same BIN6 and last 4: the same token space.
-    pans = same_bin_and_last4(2)
-    middle = next(x for x in range(10**6) if not luhn_valid("411111" + f"{x:06d}" + pans[0][-4:]))
-    # The first two draws are the same number: the second PAN's first token is taken.
+def drawing_the_same_token_twice(domain, last4: str) -> tuple[Tokenizer, int, list[int]]:
+    """A tokenizer whose first two draws give the same middle digits (of a token that
+    keeps BIN6 411111 and `last4`), then random ones; those digits; the script left."""
+    middle = next(x for x in range(10**6) if not luhn_valid("411111" + f"{x:06d}" + last4))
     scripted = [middle, middle]
     generator = TokenGenerator(lambda bound: scripted.pop(0) if scripted else secrets.randbelow(bound))
     tokenizer = Tokenizer(domain.hsm, TokenStore(domain.store.engine), detokenize_allowed=True, generator=generator)
+    return tokenizer, middle, scripted
+
+
+def test_token_collisions_are_retried(domain, merchant):
+    # Two cards with the same BIN6 and last 4: the same token space. The first two draws
+    # are the same number: the second PAN's first token is taken.
+    pans = same_bin_and_last4(2)
+    tokenizer, middle, scripted = drawing_the_same_token_twice(domain, pans[0][-4:])
     a = one(tokenizer, merchant, pans[0], keep_bin=True)
     b = one(tokenizer, merchant, pans[1], keep_bin=True)
     assert a.token[6:12] == f"{middle:06d}" and not scripted
@@ -258,10 +265,7 @@ def test_a_token_drawn_twice_in_one_batch_is_drawn_again(domain, merchant):
     # Two cards with the same BIN6 and last 4 in one batch, given the same first draw:
     # the second draws again instead of both items claiming the one row inserted.
     pans = same_bin_and_last4(2)
-    middle = next(x for x in range(10**6) if not luhn_valid("411111" + f"{x:06d}" + pans[0][-4:]))
-    scripted = [middle, middle]
-    generator = TokenGenerator(lambda bound: scripted.pop(0) if scripted else secrets.randbelow(bound))
-    tokenizer = Tokenizer(domain.hsm, TokenStore(domain.store.engine), detokenize_allowed=True, generator=generator)
+    tokenizer, middle, scripted = drawing_the_same_token_twice(domain, pans[0][-4:])
     a, b = tokenize(tokenizer, merchant, *pans, keep_bin=True)
     assert a.created and b.created and a.token != b.token and not scripted
     assert a.token[6:12] == f"{middle:06d}"
