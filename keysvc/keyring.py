@@ -341,6 +341,8 @@ class KeyRing:
     def signatures(self, key: Key, version: KeyVersion, padding: hsm.RsaPadding, digest: hsm.Digest,
                    digests: list[bytes]) -> list[bytes]:
         """The RSA key version's signature of each precomputed hash, made in the HSM."""
-        # Queued: a thread of the HSM layer runs signatures back to back (hsm/serial.py).
-        return self._hsm.run_queued(lambda: self._use(
-            key, version, lambda handle: self._hsm.rsa_sign_digests(handle, padding, digest, digests)))
+        # Queued: a thread of the HSM layer runs signatures back to back (hsm/serial.py);
+        # HsmBusy when this call's deadline passes before its turn.
+        with hsm_errors():
+            return self._hsm.run_queued(lambda: self._use(
+                key, version, lambda handle: self._hsm.rsa_sign_digests(handle, padding, digest, digests)))

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 import hsm
 from hsm.deadline import reset_call_deadline, set_call_deadline
 from hsm.errors import HsmBusy
+from keysvc.errors import Unavailable
 from keysvc.model import KeyAlgorithm, KeyPurpose
 from keysvc.signing import SignatureAlgorithm, SignRequest
 from tests.conftest import run_together
@@ -68,6 +69,31 @@ def test_a_call_whose_deadline_passes_before_its_turn_raises_busy_and_never_runs
     assert 0.25 <= waited < 5
     assert hsm_token.run_queued(lambda: "after") == "after"  # the queue has moved past it
     assert ran == []
+
+
+def test_a_signature_whose_deadline_passes_before_its_turn_is_unavailable(domain, merchant, hsm_token):
+    key = domain.keys.create_key(merchant, "sign", KeyPurpose.SIGN, KeyAlgorithm.RSA_2048)
+    request = SignRequest(key_id=key.key_id, algorithm=SignatureAlgorithm.RSA_PSS_SHA256, message=b"m")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with hsm_token.exclusive():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_lock, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    token = set_call_deadline(0.3)
+    try:
+        with pytest.raises(Unavailable, match="HSM is busy"):
+            domain.signer.sign(request)
+    finally:
+        reset_call_deadline(token)
+        release.set()
+        holder.join(10)
+
+    assert domain.signer.sign(request).version == 1
 
 
 def test_rsa_signatures_made_from_eight_threads_at_once_all_verify(domain, merchant):
