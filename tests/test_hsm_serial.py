@@ -5,9 +5,11 @@ callers still get the lock, and a forked child serves its own queue."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from typing import Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,6 +22,36 @@ from keysvc.errors import Unavailable
 from keysvc.model import KeyAlgorithm, KeyPurpose
 from keysvc.signing import SignatureAlgorithm, SignRequest
 from tests.conftest import run_together
+
+
+@contextlib.contextmanager
+def lock_held_by_another_thread(hsm_token) -> Iterator[None]:
+    """The process's PKCS#11 lock, held by another thread until the block ends."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with hsm_token.exclusive():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_lock, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(10)
+
+
+@contextlib.contextmanager
+def call_deadline(seconds: float) -> Iterator[None]:
+    """This thread's PKCS#11 calls wait for the lock `seconds` at most inside the block."""
+    token = set_call_deadline(seconds)
+    try:
+        yield
+    finally:
+        reset_call_deadline(token)
 
 
 def test_each_caller_gets_its_own_result_from_the_queue(hsm_token):
@@ -44,27 +76,12 @@ def test_an_exception_raised_by_a_queued_call_is_raised_in_its_caller_only(hsm_t
 
 
 def test_a_call_whose_deadline_passes_before_its_turn_raises_busy_and_never_runs(hsm_token):
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_lock() -> None:
-        with hsm_token.exclusive():
-            holding.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_the_lock, daemon=True)
-    holder.start()
-    assert holding.wait(10)
     ran = []
-    token = set_call_deadline(0.3)
-    try:
+    with lock_held_by_another_thread(hsm_token), call_deadline(0.3):
         started = time.monotonic()
         with pytest.raises(HsmBusy):
             hsm_token.run_queued(lambda: ran.append("ran"))
         waited = time.monotonic() - started
-    finally:
-        reset_call_deadline(token)
-        release.set()
-        holder.join(10)
 
     assert 0.25 <= waited < 5
     assert hsm_token.run_queued(lambda: "after") == "after"  # the queue has moved past it
@@ -74,24 +91,9 @@ def test_a_call_whose_deadline_passes_before_its_turn_raises_busy_and_never_runs
 def test_a_signature_whose_deadline_passes_before_its_turn_is_unavailable(domain, merchant, hsm_token):
     key = domain.keys.create_key(merchant, "sign", KeyPurpose.SIGN, KeyAlgorithm.RSA_2048)
     request = SignRequest(key_id=key.key_id, algorithm=SignatureAlgorithm.RSA_PSS_SHA256, message=b"m")
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_lock() -> None:
-        with hsm_token.exclusive():
-            holding.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_the_lock, daemon=True)
-    holder.start()
-    assert holding.wait(10)
-    token = set_call_deadline(0.3)
-    try:
+    with lock_held_by_another_thread(hsm_token), call_deadline(0.3):
         with pytest.raises(Unavailable, match="HSM is busy"):
             domain.signer.sign(request)
-    finally:
-        reset_call_deadline(token)
-        release.set()
-        holder.join(10)
 
     assert domain.signer.sign(request).version == 1
 
