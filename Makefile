@@ -9,7 +9,7 @@ LISTEN ?= 127.0.0.1:50051
 WORKERS ?= 1
 export SOFTHSM2_CONF := $(DATA)/softhsm2.conf
 
-.PHONY: run test bench soak fuzz deps venv proto proto-check token pki clean
+.PHONY: run test bench bench-cache soak fuzz deps venv proto proto-check token pki clean
 
 # The development profile: mutual TLS with the development PKI, one key-admin, so no dual control.
 run: venv proto token pki
@@ -23,6 +23,10 @@ test: venv proto-check
 
 bench: venv proto
 	$(VENV)/bin/python bench/bench.py
+
+# One HSM call's cost with hot and with cold CPU caches (what unary calls pay in a server).
+bench-cache: venv proto
+	$(VENV)/bin/python bench/cache_cost.py
 
 # MINUTES of mixed traffic: errors, p99 latency and server memory every 10 s.
 MINUTES ?= 5
