@@ -113,13 +113,13 @@ def main() -> None:
              lambda: hmac.new(secret, MESSAGE, "sha256").digest(), args.calls),
         ]
         evict = Evictor()
-        print(f"median µs per call, {args.calls} calls per cell; cold: after writing {2 * _l2_bytes() >> 20} MiB")
-        print(f"{'call':52} {'hot µs':>8} {'cold µs':>8} {'added µs':>9}")
-        print("-" * 80)
+        print(f"median µs per call; cold: after writing {2 * _l2_bytes() >> 20} MiB")
+        print(f"{'call':52} {'calls':>6} {'hot µs':>8} {'cold µs':>8} {'added µs':>9}")
+        print("-" * 87)
         for label, call, calls in cells:
             hot = median_us(call, calls, None)
             cold = median_us(call, calls, evict)
-            print(f"{label:52} {hot:8.1f} {cold:8.1f} {cold - hot:9.1f}")
+            print(f"{label:52} {calls:6} {hot:8.1f} {cold:8.1f} {cold - hot:9.1f}")
         session.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
